@@ -1,0 +1,3 @@
+"""recon: reconstruct a black-box classifier's hidden training images."""
+
+__version__ = "0.1.0"
