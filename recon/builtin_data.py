@@ -51,7 +51,7 @@ def load_digits_pool() -> Dataset:
 # ------------------------------------------------------------------------------------------ synthetic
 
 _SHAPES = ("disc", "square", "hstripes", "vstripes", "ring", "triangle", "gradient")
-# Fixed-length entropy words: SeedSequence pads short entropy with zeros, so [a, b] and [a, b, 0] would collide.
+# Entropy is always [tag, seed, a, b]: SeedSequence pads short entropy with zeros, so [a, b] == [a, b, 0].
 _TAG_CLASS, _TAG_STYLE, _TAG_IMAGES, _TAG_SHUFFLE = 0x5C1A55, 0x575E1E, 0x1A6E5, 0x5F0FF1E
 
 
@@ -87,12 +87,17 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray, st: d
     return np.clip(0.5 + sd / px, 0.0, 1.0)
 
 
-def _class_images(c: int, n: int, num_classes: int, styles: int, seed: int, size: int) -> np.ndarray:
+def _class_images(out: np.ndarray, c: int, num_classes: int, styles: int, seed: int) -> None:
+    """Fill `out` (n, 3, size, size) with class c; vectorised over images, looping only over styles."""
+    n, size = len(out), out.shape[-1]
     crng = _rng(_TAG_CLASS, seed, c)
     # Class identity: a hue and a texture orientation shared by all its styles (what a model can learn).
     hue = (c + crng.uniform(-0.15, 0.15)) / num_classes
+    bg_hue = hue + (0.3 if c % 2 == 0 else 0.7)  # alternating offset: neighbouring hues get far-apart bgs
     orient = np.pi * (c + crng.uniform(-0.15, 0.15)) / num_classes
     shape_order = np.concatenate([crng.permutation(len(_SHAPES)) for _ in range(-(-styles // len(_SHAPES)))])
+    # Stratified background lightness, so no two styles of a class share it (they are distinct modes).
+    bg_value = 0.3 + 0.6 * (crng.permutation(styles) + 0.5 + crng.uniform(-0.3, 0.3, size=styles)) / styles
 
     style_params = []
     for s in range(styles):
@@ -100,8 +105,8 @@ def _class_images(c: int, n: int, num_classes: int, styles: int, seed: int, size
         style_params.append({
             "shape": _SHAPES[shape_order[s]],
             "fg": _hsv(hue + srng.normal(0, 0.015), srng.uniform(0.7, 1.0), srng.uniform(0.65, 1.0)),
-            # bg lightness separates the modes of one class; the complementary hue keeps it class-specific
-            "bg": _hsv(hue + 0.3 + srng.uniform(-0.05, 0.05), srng.uniform(0.35, 0.75), srng.uniform(0.1, 0.9)),
+            # bg lightness separates the modes of one class; its class-tied hue keeps it class-specific
+            "bg": _hsv(bg_hue + srng.uniform(-0.05, 0.05), srng.uniform(0.5, 0.8), bg_value[s]),
             "centre": srng.uniform(-0.15, 0.15, size=2).astype(np.float32),
             "radius": np.float32(srng.uniform(0.35, 0.6)),
             "stripes": float(srng.integers(2, 5)),
@@ -112,35 +117,37 @@ def _class_images(c: int, n: int, num_classes: int, styles: int, seed: int, size
         })
 
     irng = _rng(_TAG_IMAGES, seed, c)
-    style_of = irng.permutation(np.arange(n) % styles)
     f32 = np.float32
     centre_jit = irng.normal(0, 0.12, size=(n, 2)).astype(f32)
     radius_jit = np.exp(irng.normal(0, 0.1, size=n)).astype(f32)
     fg_jit = irng.normal(0, 0.04, size=(n, 3)).astype(f32)
     bg_jit = irng.normal(0, 0.04, size=(n, 3)).astype(f32)
     phase = irng.uniform(0, 2 * np.pi, size=n).astype(f32)
-    noise = irng.standard_normal(size=(n, 3, size, size), dtype=f32)
-    noise *= f32(0.02)
+    noise = irng.standard_normal(size=out.shape, dtype=f32)
 
     coords = (np.arange(size, dtype=f32) + f32(0.5)) * f32(2.0 / size) - f32(1.0)
     yy, xx = coords[:, None], coords[None, :]
-    px = 2.0 / size
-    out = np.empty((n, 3, size, size), dtype=f32)
+    # Images come in contiguous per-style blocks (balanced); the caller's shuffle hides the order.
+    bounds = np.cumsum([0] + [n // styles + (s < n % styles) for s in range(styles)])
     for s, st in enumerate(style_params):
-        idx = np.flatnonzero(style_of == s)
-        if idx.size == 0:
+        sl = slice(bounds[s], bounds[s + 1])
+        if sl.start == sl.stop:
             continue
-        ctr = np.clip(st["centre"] + centre_jit[idx], -0.45, 0.45)
+        ctr = np.clip(st["centre"] + centre_jit[sl], -0.45, 0.45)
         cx, cy = ctr[:, 0, None, None], ctr[:, 1, None, None]
-        r = (st["radius"] * radius_jit[idx])[:, None, None]
-        mask = _shape_mask(st["shape"], xx - cx, yy - cy, r, st, px).astype(f32)
+        r = (st["radius"] * radius_jit[sl])[:, None, None]
+        mask = _shape_mask(st["shape"], xx - cx, yy - cy, r, st, 2.0 / size).astype(f32)[:, None]
         wave = np.cos(st["tex_orient"]) * xx + np.sin(st["tex_orient"]) * yy  # (size, size)
-        tex = f32(1.0) + st["tex_amp"] * np.sin(np.pi * st["tex_freq"] * wave + phase[idx, None, None])
-        fg = (st["fg"] + fg_jit[idx])[:, :, None, None] * tex[:, None]
-        bg = (st["bg"] + bg_jit[idx])[:, :, None, None]
-        out[idx] = bg + (fg - bg) * mask[:, None]
+        tex = f32(1.0) + st["tex_amp"] * np.sin(f32(np.pi) * st["tex_freq"] * wave + phase[sl, None, None])
+        bg = (st["bg"] + bg_jit[sl])[:, :, None, None]
+        block = out[sl]  # composite in place: bg + (fg * texture - bg) * mask
+        np.multiply((st["fg"] + fg_jit[sl])[:, :, None, None], tex[:, None], out=block)
+        block -= bg
+        block *= mask
+        block += bg
+    noise *= f32(0.02)
     out += noise
-    return np.clip(out, 0.0, 1.0, out=out)
+    np.clip(out, 0.0, 1.0, out=out)
 
 
 def make_synthetic(
@@ -148,21 +155,24 @@ def make_synthetic(
 ) -> Dataset:
     """A CIFAR-shaped pool of any size, for scale tests that must not depend on downloads.
 
-    Each class is a mixture of `styles_per_class` visibly different modes (shape, background, texture)
-    sharing a class hue and texture orientation, so classes are learnable while a class is not one blob.
-    Class c's images depend only on (seed, c, styles_per_class, n_per_class, size), so adding classes
-    does not change existing ones; the same arguments always give byte-identical arrays.
+    Each class is a mixture of `styles_per_class` visibly different modes (shape, background lightness,
+    texture) sharing a class hue and texture orientation, so classes are learnable yet multi-modal.
+    Each class draws from its own (seed, class) streams, so its images never depend on what other classes
+    drew, and the same arguments always give byte-identical arrays.
     """
     for name, value, low in (("n_per_class", n_per_class, 1), ("num_classes", num_classes, 1),
                              ("styles_per_class", styles_per_class, 1), ("seed", seed, 0), ("size", size, 8)):
         if int(value) != value or value < low:
             raise ValueError(f"make_synthetic: {name} must be an integer >= {low}, got {value!r}")
-    per_class = [_class_images(c, n_per_class, num_classes, styles_per_class, seed, size)
-                 for c in range(num_classes)]
-    labels = np.repeat(np.arange(num_classes, dtype=np.int64), n_per_class)
-    order = _rng(_TAG_SHUFFLE, seed, num_classes, n_per_class).permutation(len(labels))
-    images = np.concatenate(per_class)[order]
-    return validate_dataset(images, labels[order], source="synthetic", num_classes=num_classes, min_per_class=1)
+    n, num_classes, styles, seed, size = map(int, (n_per_class, num_classes, styles_per_class, seed, size))
+    images = np.empty((num_classes * n, 3, size, size), dtype=np.float32)
+    for c in range(num_classes):
+        _class_images(images[c * n:(c + 1) * n], c, num_classes, styles, seed)
+    labels = np.repeat(np.arange(num_classes, dtype=np.int64), n)
+    order = _rng(_TAG_SHUFFLE, seed, num_classes, n).permutation(len(labels))
+    return validate_dataset(
+        images[order], labels[order], source="synthetic", num_classes=num_classes, min_per_class=1
+    )
 
 
 # -------------------------------------------------------------------------------------------- CIFAR-10
@@ -224,7 +234,8 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except DatasetError:
         raise
     except Exception as e:
-        raise DatasetError(path, "<file>", f"is not a readable CIFAR-10 python batch ({type(e).__name__}: {e})") from e
+        problem = f"is not a readable CIFAR-10 python batch ({type(e).__name__}: {e})"
+        raise DatasetError(path, "<file>", problem) from e
     if not isinstance(raw, dict):
         raise DatasetError(path, "<file>", f"expected a pickled dict, got {type(raw).__name__}")
     found = sorted(k.decode("latin1") if isinstance(k, bytes) else str(k) for k in raw)
@@ -233,14 +244,18 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except KeyError as e:
         raise DatasetError(path, e.args[0], f"missing key (found keys: {found})") from None
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        is_array = isinstance(data, np.ndarray)
+        desc = f"{data.dtype} array of shape {data.shape}" if is_array else type(data).__name__
         raise DatasetError(path, "data", f"expected a uint8 array of shape (N, 3072), got {desc}")
     try:
         labs = np.asarray(labels)
     except Exception as e:
         raise DatasetError(path, "labels", f"is not a list of integers ({e})") from e
     if labs.ndim != 1 or len(labs) != len(data) or (len(labs) and not np.issubdtype(labs.dtype, np.integer)):
-        raise DatasetError(path, "labels", f"expected {len(data)} integers, got {labs.dtype} of shape {labs.shape}")
+        problem = f"expected {len(data)} integers, got {labs.dtype} of shape {labs.shape}"
+        raise DatasetError(path, "labels", problem)
+    if len(labs) and (labs.min() < 0 or labs.max() > 9):
+        raise DatasetError(path, "labels", f"must lie in 0..9, got min {labs.min()}, max {labs.max()}")
     return data, labs.astype(np.int64)
 
 
@@ -256,11 +271,12 @@ def load_cifar10(root: str | os.PathLike, *, split: str = "train") -> Dataset:
     root = Path(root)
     directory = root / _CIFAR_DIR if (root / _CIFAR_DIR).is_dir() else root
     if not directory.is_dir():
-        raise DatasetError(root, "<dir>", f"does not exist (expected a '{_CIFAR_DIR}' directory or its parent)")
+        raise DatasetError(root, "<dir>", f"not found (expected the '{_CIFAR_DIR}' directory or its parent)")
 
     names = [n for n in splits[split] if (directory / n).is_file()]
     if split in ("train", "all") and not any(n in _TRAIN_BATCHES for n in names):
-        raise DatasetError(directory, "<dir>", f"has no CIFAR-10 train batch (looked for {', '.join(_TRAIN_BATCHES)})")
+        looked = ", ".join(_TRAIN_BATCHES)
+        raise DatasetError(directory, "<dir>", f"has no CIFAR-10 train batch (looked for {looked})")
     if split in ("test", "all") and _TEST_BATCH not in names:
         raise DatasetError(directory, "<dir>", f"has no CIFAR-10 test batch (looked for {_TEST_BATCH})")
 

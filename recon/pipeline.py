@@ -1,0 +1,232 @@
+"""`run(cfg)`: the whole job, from config to a scored, tracked submission. Tests call it directly."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from joblib import Memory
+from omegaconf import DictConfig, OmegaConf
+
+from recon import scoring
+from recon.atomic import atomic_write_json, atomic_write_text
+from recon.candidates import class_candidates
+from recon.config import as_plain, resolved_container
+from recon.dataset_io import load_dataset
+from recon.logits_client import ReplicaLogits
+from recon.metrics import diversity, holdout_scores, proxy_mse
+from recon.plots import image_grid
+from recon.reconstruct import Params, parse_k, parse_seeds, reconstruct
+from recon.refine import light_optimize, logits_swap
+from recon.replica import build_replica, load_replica, replica_exists
+from recon.submission import write_submission
+from recon.tracking import params_from, tracked_run
+
+PARENT_FILE = "mlflow_parent_run_id"
+
+
+def params_from_cfg(cfg: DictConfig) -> Params:
+    p = cfg.pipeline
+    ratio = p.medoid_ratio
+    return Params(
+        k=parse_k(as_plain(p.k)),
+        seeds=parse_seeds(as_plain(p.seeds)),
+        per_class=int(p.per_class),
+        medoid_ratio=None if ratio is None else float(ratio),
+        dedup_threshold=float(p.dedup_threshold),
+        ranking=str(p.ranking),
+        medoid_kind=str(p.medoid_kind),
+        centroid_preference=float(p.centroid_preference),
+        global_seed=int(cfg.seed),
+    )
+
+
+def cached_candidates(cache_dir: str):
+    """k-means results keyed by (images, k, seeds): folds, sweeps and re-runs share them."""
+    return Memory(location=str(Path(cache_dir) / "kmeans"), verbose=0).cache(class_candidates)
+
+
+def ensure_replica(cfg: DictConfig):
+    ch = cfg.challenge
+    if not replica_exists(ch.dir):
+        b = ch.build
+        print(f"recon: building the {b.pool} replica in {ch.dir} (first use) ...", flush=True)
+        from recon.builtin_data import load_pool
+
+        build_replica(
+            ch.dir, pool=load_pool(b.pool), pool_name=b.pool, aux_per_class=b.aux_per_class,
+            train_per_class=b.train_per_class, targets_per_class=b.targets_per_class, seed=b.seed,
+            rule=b.rule, epochs=b.epochs,
+        )
+    return load_replica(ch.dir)
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """Hydra's job directory when Hydra runs us; otherwise a fresh one under paths.runs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.paths.runs) / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def hydra_context() -> tuple[list[str], str | None]:
+    """The job's overrides and, inside a sweep, the parent run id the sweep callback left for us."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return [], None
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    parent = None
+    if str(hc.mode) == "RunMode.MULTIRUN":
+        f = Path(hc.sweep.dir) / PARENT_FILE
+        parent = f.read_text().strip() if f.is_file() else None
+    return overrides, parent
+
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[f"seconds_{name}"] = round(time.perf_counter() - t0, 4)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Reconstruct, refine, write, score and log one submission; returns the summary dict."""
+    OmegaConf.resolve(cfg.paths)  # the state root is fixed once, here
+    out_dir = output_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overrides, parent = hydra_context()
+    container = resolved_container(cfg)
+    tr = cfg.tracking
+    tags = {"hydra_overrides": " ".join(overrides)[:5000], **{k: str(v) for k, v in as_plain(tr.tags).items()}}
+    with tracked_run(tr.uri, tr.experiment, tr.artifact_root, run_name=str(cfg.name), parent_run_id=parent,
+                     tags=tags) as active:
+        mlflow.log_params(params_from(container))
+        atomic_write_text(out_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(container)))
+        summary = _run_stages(cfg, out_dir, active.info.run_id)
+        (out_dir / "summary.json").unlink(missing_ok=True)
+        atomic_write_json(out_dir / "summary.json", summary)
+        mlflow.log_artifact(str(out_dir / "config_resolved.yaml"))
+        hydra_dir = out_dir / ".hydra"
+        if hydra_dir.is_dir():
+            mlflow.log_artifacts(str(hydra_dir), artifact_path=".hydra")
+    print_summary(summary)
+    return summary
+
+
+def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
+    timer = Timer()
+    p = params_from_cfg(cfg)
+    replica = None
+    with timer.stage("load"):
+        if cfg.challenge.kind == "replica":
+            replica = ensure_replica(cfg)
+            aux = replica.aux
+            mlflow.set_tag("replica_id", replica.id)
+            mlflow.set_tag("replica_rule", replica.rule)
+        else:
+            aux = load_dataset(cfg.challenge.aux_path)
+    cand_fn = cached_candidates(cfg.paths.cache)
+    with timer.stage("reconstruct"):
+        rec = reconstruct(aux, p, candidate_fn=cand_fn)
+    images, labels = rec.images, rec.labels
+    client = None
+    with timer.stage("refine"):
+        rname = cfg.refine.name
+        if rname != "none":
+            client = make_logits_client(cfg, replica)
+        if rname == "logits_swap":
+            rf = cfg.refine
+            swap_p = Params(**{**p.__dict__, "k": parse_k(as_plain(rf.pool_k)),
+                               "seeds": parse_seeds(as_plain(rf.pool_seeds))})
+            pool = _swap_pool(aux, swap_p, cand_fn)
+            images, info = logits_swap(images, labels, pool, client, n_swap=int(rf.n_swap),
+                                       min_mse_to_class=float(rf.min_mse_to_class), medoid_kind=p.medoid_kind)
+        elif rname == "light_optimize":
+            rf = cfg.refine
+            images, info = light_optimize(images, labels, client, rounds=int(rf.rounds), sigma=float(rf.sigma),
+                                          max_drift_mse=float(rf.max_drift_mse), seed=int(cfg.seed))
+        elif rname == "none":
+            info = {}
+        else:
+            raise ValueError(f"refine={rname!r}: choose none, logits_swap or light_optimize")
+    with timer.stage("submission"):
+        sub_path = write_submission(out_dir / "submission.npz", images, images.shape)
+        sha = hashlib.sha256(sub_path.read_bytes()).hexdigest()
+        image_grid(images, labels, out_dir / "submission_grid.png")
+    metrics: dict[str, float] = {}
+    with timer.stage("metrics"):
+        metrics.update(proxy_mse(images, labels, aux))
+        metrics.update(diversity(images, labels))
+    if cfg.proxy.enabled:
+        with timer.stage("holdout"):
+            metrics.update(holdout_scores(aux, p, folds=int(cfg.proxy.folds), seed=int(cfg.seed),
+                                          candidate_fn=cand_fn))
+    with timer.stage("score"):
+        if replica is not None:
+            all_scores = replica.score_all(images)
+            metrics.update({f"score_{r}": v for r, v in all_scores.items()})
+            metrics["submission_score"] = all_scores[replica.rule]
+    metrics["n_logits_queries"] = float(client.n_queries if client else 0)
+    metrics["n_logits_images"] = float(client.n_images if client else 0)
+    metrics.update({f"refine_{k}": float(v) for k, v in info.items()})
+    metrics.update(timer.seconds)
+    mlflow.log_metrics(metrics)
+    mlflow.set_tag("submission_sha256", sha)
+    mlflow.log_artifact(str(sub_path))
+    mlflow.log_artifact(str(out_dir / "submission_grid.png"))
+    return {
+        "run_id": run_id,
+        "submission": str(sub_path),
+        "submission_sha256": sha,
+        "rule": replica.rule if replica else None,
+        "replica_id": replica.id if replica else None,
+        "n_medoids": int((rec.chosen.kind != "centroid").sum()),
+        "metrics": metrics,
+    }
+
+
+def _swap_pool(aux, p: Params, cand_fn):
+    from recon.candidates import Candidates
+    from recon.progress import track
+
+    parts = [cand_fn(aux.of_class(c), cls=c, ks=p.k, seeds=p.seeds, global_seed=p.global_seed)
+             for c in track(range(p.num_classes), desc=f"swap pool: {len(p.seeds)} seeds x k={list(p.k)}")]
+    return Candidates.concat(parts)
+
+
+def make_logits_client(cfg: DictConfig, replica):
+    if replica is not None:
+        return ReplicaLogits(replica)
+    raise NotImplementedError(
+        "refine stages against challenge=remote need the HTTP API client; use refine=none with challenge=remote"
+    )
+
+
+def print_summary(s: dict) -> None:
+    m = s["metrics"]
+    lines = [f"recon run {s['run_id']}"]
+    if "submission_score" in m:
+        lines.append(f"  score ({s['rule']}, replica {s['replica_id']}): {m['submission_score']:.6f}")
+        lines.append("  all rules: " + "  ".join(f"{r}={m[f'score_{r}']:.5f}" for r in scoring.RULES))
+    if "holdout_matching" in m:
+        lines.append("  holdout:   " + "  ".join(f"{r}={m[f'holdout_{r}']:.5f}" for r in scoring.RULES))
+    lines.append(f"  proxy_mse={m['proxy_mse']:.5f}  diversity mean={m['diversity_mean_pairwise_mse']:.5f} "
+                 f"min={m['diversity_min_pairwise_mse']:.5f}  medoids={s['n_medoids']}")
+    lines.append(f"  logits calls={int(m['n_logits_queries'])}  seconds: "
+                 + " ".join(f"{k[8:]}={v:.1f}" for k, v in m.items() if k.startswith("seconds_")))
+    lines.append(f"  submission: {s['submission']}")
+    lines.append(f"  sha256: {s['submission_sha256']}")
+    print("\n".join(lines), flush=True)
