@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,10 +18,6 @@ from recon.pipeline import PARENT_FILE
 from recon.plots import heatmap
 from recon.runs_table import runs_frame, to_markdown
 from recon.tracking import PARENT_TAG, setup_store
-
-
-class SweepFailed(RuntimeError):
-    pass
 
 
 def child_runs(client: MlflowClient, experiment_id: str, parent_id: str):
@@ -58,8 +55,10 @@ class MlflowSweepCallback(Callback):
         print(f"recon sweep: parent run {parent_id}, {len(runs)} jobs, {len(failed)} failed; "
               f"summary logged as sweep_summary.md", flush=True)
         if failed:
-            raise SweepFailed(f"{len(failed)} of {len(runs)} jobs failed (runs {', '.join(failed)}); "
-                              "see their traceback.txt artifacts. The sweep summary was written.")
+            # Hydra turns callback exceptions into warnings; SystemExit is what gives the sweep a failing status.
+            print(f"recon sweep: {len(failed)} of {len(runs)} jobs failed (runs {', '.join(failed)}); see their "
+                  "traceback.txt artifacts. The sweep summary was written.", file=sys.stderr, flush=True)
+            raise SystemExit(1)
 
 
 def write_summary(client: MlflowClient, parent_id: str, runs) -> None:
