@@ -2,6 +2,8 @@
 
 Kinds: `centroid` (a cluster mean), `medoid` (the member with the least summed squared distance to its
 cluster) and `nearest` (the member nearest its centroid; the reference recipes call this one "medoid").
+Under squared distances the two member kinds coincide whenever the centroid is the exact cluster mean
+(sum_j ||x_i - x_j||^2 = n ||x_i - mu||^2 + const); they differ only where k-means stopped short of it.
 """
 
 from __future__ import annotations
@@ -61,10 +63,12 @@ def kmeans_candidates(
         raise ValueError(f"pipeline.k={k} exceeds the {n} images available in a class")
     flat = x.reshape(n, -1)
     km = KMeans(n_clusters=k, n_init=1, random_state=random_state).fit(flat)
-    labels = km.labels_
-    k_eff = int(labels.max()) + 1
-    centroids = km.cluster_centers_.astype(np.float32).reshape((k, *x.shape[1:]))
-    to_own = km.transform(flat)[np.arange(n), labels]
+    # k-means can leave clusters empty (duplicate images): keep only the occupied ones, renumbered 0..m-1.
+    present = np.unique(km.labels_)
+    labels = np.searchsorted(present, km.labels_)
+    k_eff = len(present)
+    centroids = km.cluster_centers_[present].astype(np.float32).reshape((k_eff, *x.shape[1:]))
+    to_own = km.transform(flat)[np.arange(n), km.labels_]
     nearest = first_per_group(labels, to_own, k_eff)
     if d_within is None:
         d_within = pairwise_mse(x, x)
@@ -72,7 +76,7 @@ def kmeans_candidates(
     summed = (d_within @ onehot)[np.arange(n), labels]  # each point's summed distance to its cluster
     medoid = first_per_group(labels, summed, k_eff)
     return {
-        "centroid": (np.clip(centroids[:k_eff], 0.0, 1.0), np.full(k_eff, -1)),
+        "centroid": (np.clip(centroids, 0.0, 1.0), np.full(k_eff, -1)),
         "medoid": (x[medoid], medoid),
         "nearest": (x[nearest], nearest),
     }

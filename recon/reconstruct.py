@@ -32,18 +32,26 @@ def parse_seeds(seeds: int | Sequence[int]) -> tuple[int, ...]:
     """An int n means seeds 0..n-1; a list is taken as is."""
     if isinstance(seeds, bool):
         raise ValueError(f"pipeline.seeds={seeds!r}: expected an int n (seeds 0..n-1) or a list of ints")
-    if isinstance(seeds, int):
+    if isinstance(seeds, (int, np.integer)):
+        seeds = int(seeds)
         if seeds < 1:
             raise ValueError(f"pipeline.seeds={seeds}: must be at least 1")
         return tuple(range(seeds))
+    if isinstance(seeds, str) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"pipeline.seeds={seeds!r}: expected an int n (seeds 0..n-1) or a list of ints")
     out = tuple(int(s) for s in seeds)
     if not out:
         raise ValueError("pipeline.seeds: the list is empty")
+    if min(out) < 0:
+        raise ValueError(f"pipeline.seeds={list(out)}: seeds must be non-negative")
     return out
 
 
 def parse_k(k: int | Sequence[int]) -> tuple[int, ...]:
-    ks = (int(k),) if isinstance(k, int) else tuple(int(x) for x in k)
+    items = [k] if isinstance(k, int) else k
+    if isinstance(k, str) or not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        raise ValueError(f"pipeline.k={k!r}: expected a positive int or a list of them")
+    ks = tuple(int(x) for x in items)
     if not ks or min(ks) < 1:
         raise ValueError(f"pipeline.k={k!r}: expected a positive int or a list of them")
     return ks

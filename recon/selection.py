@@ -81,6 +81,8 @@ def select_class(
     """Indices into the candidates of one class, in selection order."""
     if ranking not in RANKINGS:
         raise SelectionError(f"pipeline.ranking={ranking!r}: choose one of {', '.join(RANKINGS)}")
+    if medoid_kind not in ("nearest", "medoid"):
+        raise SelectionError(f"pipeline.medoid_kind={medoid_kind!r}: choose nearest or medoid")
     if medoid_ratio is not None and not 0.0 <= medoid_ratio <= 1.0:
         raise SelectionError(f"pipeline.medoid_ratio={medoid_ratio}: must be in [0, 1] or null")
     in_pool = (kinds == "centroid") | (kinds == medoid_kind)

@@ -115,16 +115,31 @@ def test_kmeans_accepts_precomputed_within_distances():
         np.testing.assert_allclose(a[kind][0], b[kind][0], atol=0)
 
 
+def test_kmeans_medoid_uses_the_given_within_distances():
+    """Under squared distance the medoid coincides with the member nearest the centroid (sum_m |x_i - x_m|^2 =
+    n |x_i - mu|^2 + const), so an arbitrary symmetric d_within is what tells the medoid computation apart."""
+    x = rand_images(40, seed=9)
+    r = np.random.default_rng(10).random((40, 40))
+    d = r + r.T
+    np.fill_diagonal(d, 0.0)
+    labels = sk_kmeans(x, 5, 2).labels_
+    out = kmeans_candidates(x, k=5, random_state=2, d_within=d)
+    differs = False
+    for j in range(5):
+        members = [i for i in range(len(x)) if labels[i] == j]
+        medoid = min(members, key=lambda i: (sum(d[i, m] for m in members), i))
+        assert out["medoid"][1][j] == medoid, f"cluster {j}"
+        np.testing.assert_array_equal(out["medoid"][0][j], x[medoid])
+        differs |= medoid != out["nearest"][1][j]
+    assert differs  # the test data really separates the two kinds
+
+
 def test_kmeans_k_larger_than_class_raises():
     x = rand_images(5, seed=0)
     with pytest.raises(ValueError, match=r"pipeline\.k"):
         kmeans_candidates(x, k=6, random_state=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG recon/candidates.py:67-76 (+ first_per_group:50-52): with fewer distinct images than k, sklearn leaves "
-    "cluster 3 empty (labels use 0,1,2,4); k_eff=labels.max()+1 assumes no gaps, and first_per_group's "
-    "searchsorted then returns a member of cluster 4 as the 'nearest'/'medoid' of empty cluster 3"))
 def test_kmeans_members_with_duplicate_images_belong_to_their_cluster():
     rng = np.random.default_rng(5)
     base = rng.random((3, *SHAPE), dtype=np.float32)
@@ -133,9 +148,11 @@ def test_kmeans_members_with_duplicate_images_belong_to_their_cluster():
         warnings.simplefilter("ignore")  # sklearn's ConvergenceWarning about distinct clusters
         labels = sk_kmeans(x, 5, 0).labels_
         out = kmeans_candidates(x, k=5, random_state=0)
+    present = np.unique(labels)  # empty clusters are dropped, the occupied ones renumbered in order
+    assert len(out["centroid"][0]) == len(present)
     for kind in ("nearest", "medoid"):
         member = out[kind][1]
-        assert all(labels[m] == j for j, m in enumerate(member)), (kind, labels.tolist(), member.tolist())
+        assert [labels[m] for m in member] == present.tolist(), (kind, labels.tolist(), member.tolist())
 
 
 # ---------------------------------------------------------------------------------------- first_per_group
@@ -559,10 +576,6 @@ def test_parse_seeds_rejects(bad):
         parse_seeds(bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG recon/reconstruct.py:39-42: a list with a negative seed is accepted (parse_seeds([-1]) == (-1,)); "
-    "it only fails later in class_stream/SeedSequence with 'expected non-negative integer', not naming "
-    "pipeline.seeds"))
 def test_parse_seeds_rejects_negative_seed_in_list():
     with pytest.raises(ValueError, match=r"pipeline\.seeds"):
         parse_seeds([3, -1])
@@ -580,9 +593,6 @@ def test_parse_k_rejects(bad):
         parse_k(bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG recon/reconstruct.py:47: parse_k(True) returns (1,) (bool is an int) instead of raising like "
-    "parse_seeds(True) does; pipeline.k=true silently becomes k=1"))
 def test_parse_k_rejects_true():
     with pytest.raises(ValueError, match=r"pipeline\.k"):
         parse_k(True)
