@@ -70,6 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
     run_server(
         args.replica, host=args.host, port=args.port, keys_file=args.keys_file,
         logits_interval=args.logits_interval, submit_interval=args.submit_interval,
+        input_convention=args.input_convention, faults=args.fault, fault_delay=args.fault_delay,
     )
     return 0
 
@@ -103,6 +104,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--all-rules", action="store_true")
     s.set_defaults(fn=_score)
 
+    from recon.conventions import CONVENTIONS  # imported here: only the serve block needs it
+
     v = sub.add_parser("serve", help="serve the competition's HTTP API for a replica")
     v.add_argument("replica")
     v.add_argument("--host", default="127.0.0.1")
@@ -110,6 +113,19 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("--keys-file", help="file of API keys, one per line (default: $RECON_API_KEY)")
     v.add_argument("--logits-interval", type=float, default=0.0, help="seconds between logits calls per key; 0=off")
     v.add_argument("--submit-interval", type=float, default=0.0, help="seconds between submissions per key; 0=off")
+    v.add_argument(
+        "--input-convention", default="raw", choices=CONVENTIONS,
+        help="how the model reads logits inputs: it gets decode(received, C) (see recon.conventions); default raw",
+    )
+    v.add_argument(
+        "--fault", action="append", default=[], metavar="KIND:N",
+        help="TEST ONLY: the first N authenticated logits calls get fault KIND (error503, error500, slow, "
+        "malformed, wrong_count); repeat to chain faults in order, e.g. --fault error503:2 --fault malformed:1",
+    )
+    v.add_argument(
+        "--fault-delay", type=float, default=3.0, metavar="SECONDS",
+        help="TEST ONLY: how long a 'slow' fault waits before answering (default 3)",
+    )
     v.set_defaults(fn=_serve)
     return p
 

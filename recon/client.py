@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 import time
@@ -210,5 +209,17 @@ class ChallengeClient:
         return body
 
 
-def describe(client: ChallengeClient) -> str:
-    return json.dumps({"base_url": client.base_url, "task_id": client.task_id, "ledger": str(client.ledger.root)})
+def client_from_cfg(ch) -> ChallengeClient:
+    """The client for a `challenge=remote`-style config node (base_url, task_id, key, ledger, budget)."""
+    from recon.ledger import ledger_dir
+
+    ledger = Ledger(ledger_dir(ch.ledger_dir, ch.base_url, ch.task_id),
+                    max_logits_calls=ch.max_logits_calls, max_submissions=ch.max_submissions)
+    convention = str(ch.convention)
+    if convention == "probed":
+        probe = ledger.probe_result()
+        convention = probe["best"] if probe else "raw"
+    return ChallengeClient(
+        ch.base_url, ch.task_id, load_api_key(ch.api_key, ch.api_key_file), ledger=ledger, convention=convention,
+        timeout=float(ch.timeout), retries=int(ch.retries), rate_margin=float(ch.rate_margin),
+    )

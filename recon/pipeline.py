@@ -179,8 +179,17 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
             all_scores = replica.score_all(images)
             metrics.update({f"score_{r}": v for r, v in all_scores.items()})
             metrics["submission_score"] = all_scores[replica.rule]
+        elif cfg.challenge.submit:
+            from recon.client import client_from_cfg
+
+            client = client or client_from_cfg(cfg.challenge)
+            response = client.submit(sub_path)
+            mlflow.set_tag("submission_id", str(response.get("submission_id")))
+            if isinstance(response.get("score"), (int, float)):
+                metrics["submission_score"] = float(response["score"])
     metrics["n_logits_queries"] = float(client.n_queries if client else 0)
     metrics["n_logits_images"] = float(client.n_images if client else 0)
+    metrics["n_logits_cached"] = float(getattr(client, "n_cached", 0) if client else 0)
     metrics.update({f"refine_{k}": float(v) for k, v in info.items()})
     metrics.update(timer.seconds)
     mlflow.log_metrics(metrics)
@@ -208,18 +217,21 @@ def _swap_pool(aux, p: Params, cand_fn):
 
 
 def make_logits_client(cfg: DictConfig, replica):
+    """In-process logits for a local replica; the HTTP client (with its ledger) for a server."""
     if replica is not None:
         return ReplicaLogits(replica)
-    raise NotImplementedError(
-        "refine stages against challenge=remote need the HTTP API client; use refine=none with challenge=remote"
-    )
+    from recon.client import client_from_cfg
+
+    return client_from_cfg(cfg.challenge)
 
 
 def print_summary(s: dict) -> None:
     m = s["metrics"]
     lines = [f"recon run {s['run_id']}"]
     if "submission_score" in m:
-        lines.append(f"  score ({s['rule']}, replica {s['replica_id']}): {m['submission_score']:.6f}")
+        where = f"replica {s['replica_id']}" if s["replica_id"] else "server"
+        lines.append(f"  score ({s['rule'] or 'server rule'}, {where}): {m['submission_score']:.6f}")
+    if "score_matching" in m:
         lines.append("  all rules: " + "  ".join(f"{r}={m[f'score_{r}']:.5f}" for r in scoring.RULES))
     if "holdout_matching" in m:
         lines.append("  holdout:   " + "  ".join(f"{r}={m[f'holdout_{r}']:.5f}" for r in scoring.RULES))

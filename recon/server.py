@@ -6,16 +6,25 @@ server, all deliberate:
 
 - `POST /submit/{task_id}` also returns the score and the rule (the real one only shows a leaderboard).
 - `GET /health` (no auth) exists so that clients and tests can wait for readiness.
-- Logits inputs go through the submission checks (float32, finite, values in [0, 1]); the record does not say
-  what the real server accepts there.
+- Logits inputs must be float32, rank 4 with the replica's per-image shape, finite, 1..100 images; their values
+  are NOT range-checked, because the server's input convention (below) may call for 0..255 or normalised
+  (negative) values. Submissions keep every check, [0, 1] included.
+- The input convention is a server option (`recon.conventions`): a server started with convention C feeds its
+  model `decode(received, C)`, so a client sending `encode(raw, C)` gets the logits of `raw`, and a client
+  sending raw images to a non-raw server gets near-chance predictions, as the public record saw. `GET /health`
+  reports the convention.
+- Fault injection, for tests only: `faults=["error503:2", "malformed:1"]` makes the first authenticated logits
+  calls fail on purpose (see `parse_faults`).
 
-Check order for both endpoints: auth (401), task id (404), declared request size (413), rate limit (429), form
-and file contents (400/413), then the computation (200). Only accepted calls (200) count against the rate
-limit and are written to the call log, so a mistyped upload never costs a participant their slot.
+Check order for both endpoints: auth (401), task id (404), declared request size (413), [logits only: injected
+fault], rate limit (429), form and file contents (400/413), then the computation (200). Only accepted calls
+(200) count against the rate limit and are written to the call log, so a mistyped upload never costs a
+participant their slot; injected faults other than `slow` neither use the slot nor reach the call log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -32,18 +41,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from recon.conventions import check as check_convention
+from recon.conventions import decode
 from recon.replica import Replica, load_replica
 from recon.submission import (
     MAX_BYTES,
     SubmissionError,
     read_images_npz,
-    validate_images_array,
     validate_submission_bytes,
 )
 
@@ -52,6 +63,9 @@ MAX_LOGITS_BATCH = 100
 AUTH_DETAIL = "Invalid or missing API key."
 # Room for multipart boundaries and part headers around a file of exactly MAX_BYTES.
 MULTIPART_SLACK = 1 << 20
+
+FAULT_KINDS = ("error503", "error500", "slow", "malformed", "wrong_count")
+MALFORMED_BODY = '{"results": ['
 
 log = logging.getLogger("recon.server")
 
@@ -132,6 +146,52 @@ class RateLimiter:
                     self._last[slot.kid] = slot.previous
 
 
+def parse_faults(specs: list[str] | None) -> list[tuple[str, int]]:
+    """`["error503:2", "malformed:1"]` -> `[("error503", 2), ("malformed", 1)]`, in the order given.
+
+    A spec is `KIND:N`: the next N authenticated logits calls get fault KIND (one of FAULT_KINDS), N >= 1.
+    Raises ValueError naming the bad spec.
+    """
+    out = []
+    for spec in specs or []:
+        kind, sep, count = str(spec).partition(":")
+        kind, count = kind.strip(), count.strip()
+        why = None
+        if not sep:
+            why = "expected KIND:N"
+        elif kind not in FAULT_KINDS:
+            why = f"unknown kind {kind!r}"
+        elif not count.isdigit() or int(count) < 1:
+            why = f"N must be a whole number >= 1, got {count!r}"
+        if why is not None:
+            raise ValueError(f"bad fault spec {spec!r}: {why} (SPEC is KIND:N, KIND one of {', '.join(FAULT_KINDS)})")
+        out.append((kind, int(count)))
+    return out
+
+
+def _check_fault_delay(seconds: float) -> float:
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"fault delay must be a finite number of seconds >= 0, got {seconds}")
+    return float(seconds)
+
+
+class FaultQueue:
+    """Hands out injected faults to successive calls: `take()` returns the next call's fault kind or None."""
+
+    def __init__(self, faults: list[tuple[str, int]]):
+        self._left = [[kind, n] for kind, n in faults]
+        self._lock = threading.Lock()
+
+    def take(self) -> str | None:
+        with self._lock:
+            while self._left and self._left[0][1] <= 0:
+                self._left.pop(0)
+            if not self._left:
+                return None
+            self._left[0][1] -= 1
+            return self._left[0][0]
+
+
 class CallLog:
     """Append-only JSON-lines record of accepted calls: the replica's account of the query budget spent."""
 
@@ -170,10 +230,12 @@ class _Service:
         logits_interval: float,
         submit_interval: float,
         call_log: Path | None,
+        input_convention: str = "raw",
     ):
         if not keys or any(not k for k in keys):
             raise ValueError("create_app needs at least one non-empty API key")
         self.replica = replica
+        self.input_convention = check_convention(input_convention)
         self._keys = [(k.encode("utf-8"), key_id(k)) for k in keys]
         self.limits = {"logits": RateLimiter(logits_interval), "submit": RateLimiter(submit_interval)}
         self.log = CallLog(Path(call_log) if call_log is not None else Path(replica.root) / "calls.log.jsonl")
@@ -197,20 +259,32 @@ class _Service:
         return found
 
     def logits(self, data: bytes) -> np.ndarray:
-        images = self.validate_batch(read_images_npz(data))
+        images = decode(self.validate_batch(read_images_npz(data)), self.input_convention)
         with self._compute:
             return np.asarray(self.replica.logits(images), dtype=np.float64)
 
     def validate_batch(self, arr: np.ndarray) -> np.ndarray:
-        """The submission checks, then the per-image shape and the batch size of a logits call."""
-        if arr.ndim == 4 and arr.size == 0:  # validate_images_array cannot take min/max of nothing
-            self._check_image_shape(arr.shape)
+        """The checks of a logits call, with the submission checks' messages: convertible to a tensor, rank 4,
+        float32, finite, the replica's per-image shape, 1..MAX_LOGITS_BATCH images. No value range: what the
+        values mean is the input convention's business."""
+        try:
+            tensor = torch.from_numpy(np.asarray(arr))
+        except Exception as e:  # e.g. strings or objects
+            raise SubmissionError(f"Failed to convert 'images' to torch tensor: {e}") from e
+        if tensor.ndim != 4:
+            raise SubmissionError(
+                f"Submitted images must have shape (N, C, H, W), but got {_shape_str(tensor.shape)}."
+            )
+        if tensor.dtype != torch.float32:
+            raise SubmissionError(f"Submitted images must be of type torch.float32, but got {tensor.dtype}.")
+        if not torch.isfinite(tensor).all():
+            raise SubmissionError("Submitted images must be finite, but got NaN or inf values.")
+        self._check_image_shape(tuple(tensor.shape))
+        if len(tensor) == 0:
             raise SubmissionError("Submitted images must contain at least 1 image, but got 0.")
-        images = validate_images_array(arr, expected_shape=None).numpy()
-        self._check_image_shape(images.shape)
-        if len(images) > MAX_LOGITS_BATCH:
-            raise SubmissionError(f"Too many images: got {len(images)}, limit {MAX_LOGITS_BATCH} per call.")
-        return images
+        if len(tensor) > MAX_LOGITS_BATCH:
+            raise SubmissionError(f"Too many images: got {len(tensor)}, limit {MAX_LOGITS_BATCH} per call.")
+        return tensor.numpy()
 
     def _check_image_shape(self, shape: tuple[int, ...]) -> None:
         if tuple(shape[1:]) != self.image_shape:
@@ -276,6 +350,24 @@ def _declared_too_large(request: Request) -> int | None:
     return declared if declared > MAX_BYTES + MULTIPART_SLACK else None
 
 
+async def _drain(request: Request) -> None:
+    """Read and discard the request body, so that a client whose call is refused on purpose still gets the
+    answer rather than a connection reset halfway through its upload."""
+    try:
+        async for _ in request.stream():
+            pass
+    except Exception:  # client went away: nothing to answer anyway
+        pass
+
+
+def _logits_body(out: np.ndarray, batch_size: int) -> dict:
+    return {
+        "results": [{"logits": row} for row in out.tolist()],
+        "batch_size": batch_size,
+        "num_classes": int(out.shape[1]),
+    }
+
+
 def create_app(
     replica: Replica,
     *,
@@ -283,17 +375,31 @@ def create_app(
     logits_interval: float = 0.0,
     submit_interval: float = 0.0,
     call_log: Path | None = None,
+    input_convention: str = "raw",
+    faults: list[str] | None = None,
+    fault_delay: float = 3.0,
 ) -> FastAPI:
     """The API over `replica`. Rate limits are per key, in seconds between accepted calls (0 = off).
 
     The call log defaults to `<replica.root>/calls.log.jsonl`; it records key ids, never keys.
+    `input_convention` (one of `recon.conventions.CONVENTIONS`) is how the server reads logits inputs: the
+    model gets `decode(received, input_convention)`.
+
+    `faults` (tests only) are `KIND:N` specs (`parse_faults`), applied in order to the first authenticated
+    logits calls that pass the task-id and declared-size checks, before the rate limit:
+    `error503` / `error500` answer that status with a JSON `detail`; `malformed` answers 200 with a body that
+    is not JSON; `wrong_count` answers 200 with one result fewer than the batch (`batch_size` still n);
+    `slow` waits `fault_delay` seconds, then handles the call normally (it may be accepted, rate-limited and
+    logged like any call). The other kinds neither use the rate-limit slot nor reach the call log.
     """
-    svc = _Service(replica, keys, logits_interval, submit_interval, call_log)
+    fault_queue = FaultQueue(parse_faults(faults))
+    _check_fault_delay(fault_delay)
+    svc = _Service(replica, keys, logits_interval, submit_interval, call_log, input_convention)
     task = replica.task_id
     app = FastAPI(title="recon replica API", docs_url=None, redoc_url=None, openapi_url=None)
 
-    async def _gate(request: Request, task_id: str, endpoint: str) -> tuple[str, _Slot] | JSONResponse:
-        """Auth, task id, declared size and rate limit: everything that is decided before reading the body."""
+    def _admit(request: Request, task_id: str) -> str | JSONResponse:
+        """Auth, task id and declared size: everything decided from the headers, before any rate limit."""
         kid = svc.authenticate(request)
         if kid is None:
             return _error(401, AUTH_DETAIL)
@@ -302,22 +408,57 @@ def create_app(
         declared = _declared_too_large(request)
         if declared is not None:
             return _error(413, f"File too large: {declared} bytes (limit {MAX_BYTES}).")
+        return kid
+
+    def _reserve(kid: str, endpoint: str) -> _Slot | JSONResponse:
         slot = svc.limits[endpoint].reserve(kid)
         if not isinstance(slot, _Slot):
             n = max(1, math.ceil(slot))
             return _error(429, f"Rate limit exceeded. Try again in {n} seconds.", {"Retry-After": str(n)})
-        return kid, slot
+        return slot
+
+    async def _faulted(request: Request, kind: str) -> Response:
+        """The answer to a logits call that gets an injected fault (every kind but `slow`)."""
+        log.info("injected fault: %s", kind)
+        if kind == "wrong_count":
+            try:
+                data, _ = await _read_upload(request, "npz", require_npz_name=False)
+                out = await run_in_threadpool(svc.logits, data)
+            except SubmissionError as e:
+                return _error(e.status, str(e))
+            except Exception:
+                log.exception("logits call failed")
+                return _error(500, "Internal server error.")
+            return JSONResponse(_logits_body(out[:-1], len(out)))
+        await _drain(request)
+        if kind == "malformed":
+            return Response(MALFORMED_BODY, status_code=200, media_type="text/plain")
+        status = {"error503": 503, "error500": 500}[kind]
+        return _error(status, "Service temporarily unavailable (injected fault).")
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "task_id": task, "replica_id": replica.id}
+        return {
+            "status": "ok",
+            "task_id": task,
+            "replica_id": replica.id,
+            "input_convention": svc.input_convention,
+        }
 
     @app.post("/{task_id}/logits")
-    async def logits(task_id: str, request: Request) -> JSONResponse:
-        gate = await _gate(request, task_id, "logits")
-        if isinstance(gate, JSONResponse):
-            return gate
-        kid, slot = gate
+    async def logits(task_id: str, request: Request) -> Response:
+        kid = _admit(request, task_id)
+        if isinstance(kid, JSONResponse):
+            return kid
+        fault = fault_queue.take()
+        if fault == "slow":
+            log.info("injected fault: slow (%.3g s)", fault_delay)
+            await asyncio.sleep(fault_delay)
+        elif fault is not None:
+            return await _faulted(request, fault)
+        slot = _reserve(kid, "logits")
+        if isinstance(slot, JSONResponse):
+            return slot
         try:
             data, _ = await _read_upload(request, "npz", require_npz_name=False)
             out = await run_in_threadpool(svc.logits, data)
@@ -329,20 +470,16 @@ def create_app(
             log.exception("logits call failed")
             return _error(500, "Internal server error.")
         await run_in_threadpool(svc.record, kid, "logits", len(out))
-        return JSONResponse(
-            {
-                "results": [{"logits": row} for row in out.tolist()],
-                "batch_size": len(out),
-                "num_classes": int(out.shape[1]),
-            }
-        )
+        return JSONResponse(_logits_body(out, len(out)))
 
     @app.post("/submit/{task_id}")
     async def submit(task_id: str, request: Request) -> JSONResponse:
-        gate = await _gate(request, task_id, "submit")
-        if isinstance(gate, JSONResponse):
-            return gate
-        kid, slot = gate
+        kid = _admit(request, task_id)
+        if isinstance(kid, JSONResponse):
+            return kid
+        slot = _reserve(kid, "submit")
+        if isinstance(slot, JSONResponse):
+            return slot
         try:
             data, filename = await _read_upload(request, "file", require_npz_name=True)
             n, score = await run_in_threadpool(svc.score, data, filename)
@@ -370,16 +507,28 @@ def run_server(
     keys_file: str | None = None,
     logits_interval: float = 0.0,
     submit_interval: float = 0.0,
+    input_convention: str = "raw",
+    faults: list[str] | None = None,
+    fault_delay: float = 3.0,
 ) -> None:
-    """Load keys (first, to fail fast) and the replica, then serve until interrupted."""
+    """Check the options and load keys (first, to fail fast), then the replica, then serve until interrupted."""
     import uvicorn
 
+    check_convention(input_convention)
+    parsed = parse_faults(faults)
+    _check_fault_delay(fault_delay)
     keys = load_keys(keys_file)
     replica = load_replica(replica_dir)
-    app = create_app(replica, keys=keys, logits_interval=logits_interval, submit_interval=submit_interval)
+    app = create_app(
+        replica, keys=keys, logits_interval=logits_interval, submit_interval=submit_interval,
+        input_convention=input_convention, faults=faults, fault_delay=fault_delay,
+    )
+    extra = ""
+    if parsed:
+        extra = ", TEST FAULTS " + " ".join(f"{k}:{n}" for k, n in parsed) + f" (delay {fault_delay:g} s)"
     print(
         f"recon-challenge serve: replica {replica.id}, task {replica.task_id}, {len(keys)} key(s), "
-        f"on http://{host}:{port}",
+        f"input convention {input_convention}{extra}, on http://{host}:{port}",
         file=sys.stderr,
         flush=True,
     )

@@ -1,8 +1,10 @@
 """The replica's HTTP API, tested end to end: real server processes, real HTTP over loopback, no mocks.
 
-Two servers run for the whole module, each on its own copy of one tiny replica (so their call logs are
-separate): `main` has no rate limits and takes two keys from $RECON_API_KEY; `limited` takes its keys from a
-keys file and allows one logits call and one submission per 1.5 s per key.
+Five servers run for the whole module (started together), each on its own copy of one tiny replica (so their
+call logs are separate): `main` has no rate limits and takes two keys from $RECON_API_KEY; `limited` takes its
+keys from a keys file and allows one logits call and one submission per 1.5 s per key; `x255` and
+`channels_last` read logits inputs in those input conventions; `faulty` injects a fixed sequence of test faults
+into its first logits calls and allows one accepted logits call per minute per key.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ import numpy as np
 import pytest
 import requests
 
+from recon.conventions import encode
 from recon.dataset_io import Dataset
 from recon.replica import Replica, build_replica
-from recon.server import RateLimiter, key_id, load_keys
+from recon.server import FaultQueue, RateLimiter, create_app, key_id, load_keys, parse_faults
 from recon.submission import MAX_BYTES
 
 TASK = "12-data-reconstruction"
 INTERVAL = 1.5
+CONVENTION_SERVERS = ("x255", "channels_last")
+FAULTS = ["error503:2", "malformed:1", "wrong_count:1", "slow:1", "error500:1"]
+FAULT_DELAY = 1.0
 KEY_A, KEY_A2 = "main-key-" + os.urandom(8).hex(), "main-key2-" + os.urandom(8).hex()
 KEY_B, KEY_B2 = "limited-key-" + os.urandom(8).hex(), "limited-key2-" + os.urandom(8).hex()
 ENV_ONLY_KEY = "env-only-" + os.urandom(8).hex()
@@ -124,24 +130,31 @@ def replica(tmp_path_factory) -> Replica:
 @pytest.fixture(scope="module")
 def servers(replica, tmp_path_factory):
     base = tmp_path_factory.mktemp("servers")
-    main_root, limited_root = base / "main", base / "limited"
-    shutil.copytree(replica.root, main_root)
-    shutil.copytree(replica.root, limited_root)
+    names = ("main", "limited", *CONVENTION_SERVERS, "faulty")
+    for name in names:
+        shutil.copytree(replica.root, base / name)
     keys_file = base / "keys.txt"
     keys_file.write_text(f"# test keys\n\n{KEY_B}\n  {KEY_B2}  \n# {KEY_A}\n")
-    main = _start(main_root, [], env_key=f"{KEY_A}, {KEY_A2}")
+    env_a = f"{KEY_A}, {KEY_A2}"
     intervals = ["--logits-interval", str(INTERVAL), "--submit-interval", str(INTERVAL)]
-    limited = _start(
-        limited_root, ["--keys-file", str(keys_file), *intervals],
-        env_key=ENV_ONLY_KEY,  # must be ignored: the keys file wins
-    )
+    fault_args = [a for spec in FAULTS for a in ("--fault", spec)]
+    args = {
+        "main": ([], env_a),
+        # ENV_ONLY_KEY must be ignored: the keys file wins
+        "limited": (["--keys-file", str(keys_file), *intervals], ENV_ONLY_KEY),
+        **{c: (["--input-convention", c], env_a) for c in CONVENTION_SERVERS},
+        "faulty": ([*fault_args, "--fault-delay", str(FAULT_DELAY), "--logits-interval", "60"], env_a),
+    }
+    started: dict[str, Server] = {}
     try:
-        _wait_ready(main)
-        _wait_ready(limited)
-        yield {"main": main, "limited": limited}
+        for name in names:
+            started[name] = _start(base / name, args[name][0], env_key=args[name][1])
+        for server in started.values():
+            _wait_ready(server)
+        yield started
     finally:
-        _stop(main)
-        _stop(limited)
+        for server in started.values():
+            _stop(server)
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +249,7 @@ def test_cli_refuses_to_serve_without_a_key(replica):
 def test_health_needs_no_key(main, replica):
     r = requests.get(main.url + "/health", timeout=5)
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "task_id": TASK, "replica_id": replica.id}
+    assert r.json() == {"status": "ok", "task_id": TASK, "replica_id": replica.id, "input_convention": "raw"}
 
 
 @pytest.mark.parametrize("key", [None, "wrong-key", "", KEY_B])
@@ -321,7 +334,10 @@ BAD_LOGITS = {
     "nan": (
         npz(images=np.full_like(ONE, np.nan)), "Submitted images must be finite, but got NaN or inf values."
     ),
-    "out_of_range": (npz(images=ONE * 255), re.compile(r"Submitted images must have values in \[0, 1\], .+")),
+    "inf_255": (
+        npz(images=np.where(ONE > 0.5, np.float32(np.inf), ONE * 255)),
+        "Submitted images must be finite, but got NaN or inf values.",
+    ),
 }
 
 
@@ -339,6 +355,14 @@ def test_bad_logits_upload_is_400_and_server_keeps_serving(main, replica, case):
     assert r.status_code == 400, r.text
     _check_detail(r.json()["detail"], expected)
     assert_alive(main, replica)
+
+
+def test_logits_values_are_not_range_checked(main, replica):
+    """The input convention decides what values mean (0..255, normalised), so any finite float32 is accepted."""
+    for images in (ONE * 255, ONE - 0.5, np.full_like(ONE, -1e6)):
+        r = post_logits(main.url, KEY_A, npz(images=images))
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(logits_of(r), replica.logits(images), rtol=1e-5, atol=1e-4)
 
 
 def test_bad_logits_forms_are_400(main, replica):
@@ -377,6 +401,8 @@ BAD_SUBMISSIONS = {
                 "Submitted images must be of type torch.float32, but got torch.float64."),
     "out_of_range": ({}, npz(images=rand_images(20) - 0.5),
                      re.compile(r"Submitted images must have values in \[0, 1\], but got min -.+, max .+\.")),
+    "x255": ({}, npz(images=rand_images(20) * 255),  # logits take 0..255 now; submissions never do
+             re.compile(r"Submitted images must have values in \[0, 1\], but got min .+, max 2\d\d\.?\d*\.")),
     "pickled": ({}, npz(images=np.array([None], dtype=object)), re.compile(r"Failed to read \.npz: .+")),
     "extra_key": ({}, npz(images=rand_images(20), x=np.zeros(1)),
                   "File must be .npz and contain an 'images' array."),
@@ -464,6 +490,127 @@ def test_submit_rate_limit(limited, replica):
     assert 1 <= _retry_after(post_submit(limited.url, KEY_B2, payload)) <= 2
 
 
+# --- input conventions (the `x255` and `channels_last` servers) ------------------------------------------------
+
+
+@pytest.mark.parametrize("convention", CONVENTION_SERVERS)
+def test_encoded_inputs_get_the_in_process_logits(servers, replica, convention):
+    server = servers[convention]
+    assert requests.get(server.url + "/health", timeout=5).json()["input_convention"] == convention
+    images = replica.aux.images[:8]
+    sent = encode(images, convention)
+    assert not np.array_equal(sent, images)
+    r = post_logits(server.url, KEY_A, npz(images=sent))
+    assert r.status_code == 200, r.text
+    assert r.json()["batch_size"] == 8
+    want = replica.logits(images)
+    np.testing.assert_allclose(logits_of(r), want, atol=1e-4)
+    raw = post_logits(server.url, KEY_A, npz(images=images))  # a client that ignores the convention
+    assert raw.status_code == 200, raw.text
+    assert np.abs(logits_of(raw) - want).max() > 1e-2
+
+
+def test_x255_server_takes_0_to_255_and_still_refuses_such_submissions(servers, replica):
+    server = servers["x255"]
+    images = rand_images(5, seed=21)
+    images[0, 0, 0, 0], images[1, 0, 0, 0] = 0.0, 1.0  # so that encode() spans exactly 0..255
+    sent = encode(images, "x255")
+    assert sent.min() == 0.0 and sent.max() == 255.0
+    r = post_logits(server.url, KEY_A, npz(images=sent))
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(logits_of(r), replica.logits(images), atol=1e-4)
+    bad = post_submit(server.url, KEY_A, npz(images=encode(replica.targets.images, "x255")))
+    assert bad.status_code == 400
+    assert bad.json()["detail"].startswith("Submitted images must have values in [0, 1], but got min ")
+    ok = post_submit(server.url, KEY_A, npz(images=replica.targets.images))  # submissions are always raw
+    assert ok.status_code == 200 and ok.json()["score"] == pytest.approx(replica.score(replica.targets.images))
+
+
+def test_unknown_convention_or_fault_spec_is_refused_in_process(replica):
+    with pytest.raises(ValueError, match="unknown input convention 'bgr'"):
+        create_app(replica, keys=["k"], input_convention="bgr")
+    with pytest.raises(ValueError, match="bad fault spec 'timeout:1': unknown kind 'timeout'"):
+        create_app(replica, keys=["k"], faults=["error503:1", "timeout:1"])
+    with pytest.raises(ValueError, match="fault delay"):
+        create_app(replica, keys=["k"], fault_delay=-1)
+
+
+# --- injected faults (the `faulty` server) ------------------------------------------------------------------
+
+
+def test_parse_faults_and_fault_queue():
+    assert parse_faults(None) == [] and parse_faults([]) == []
+    specs = ["error503:2", "malformed:1", " slow : 1 "]
+    assert parse_faults(specs) == [("error503", 2), ("malformed", 1), ("slow", 1)]
+    for bad, why in [("error503", "expected KIND:N"), ("error404:1", "unknown kind 'error404'"),
+                     ("slow:0", "N must be"), ("slow:-1", "N must be"), ("slow:x", "N must be"), ("slow:", "N must")]:
+        with pytest.raises(ValueError, match=re.escape(f"bad fault spec {bad!r}: {why}")):
+            parse_faults(["error500:1", bad])
+    q = FaultQueue(parse_faults(specs))
+    assert [q.take() for _ in range(6)] == ["error503", "error503", "malformed", "slow", None, None]
+
+
+def test_faults_come_in_order_and_spare_the_slot_and_the_log(servers, replica):
+    server = servers["faulty"]
+    images = replica.aux.images[:4]
+    payload = npz(images=images)
+    want = replica.logits(images)
+    # refused before the fault point: these calls take no fault
+    assert post_logits(server.url, "wrong-key", payload).status_code == 401
+    assert post_logits(server.url, KEY_A, payload, task="99-other-task").status_code == 404
+
+    for _ in range(2):
+        r = post_logits(server.url, KEY_A, payload)
+        assert r.status_code == 503
+        assert r.json() == {"detail": "Service temporarily unavailable (injected fault)."}
+
+    r = post_logits(server.url, KEY_A, payload)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    with pytest.raises(ValueError):
+        r.json()
+
+    r = post_logits(server.url, KEY_A, payload)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["batch_size"] == 4 and len(body["results"]) == 3
+    np.testing.assert_allclose(logits_of(r), want[:3], atol=1e-5)
+
+    t0 = time.monotonic()
+    r = post_logits(server.url, KEY_A, payload)  # slow, then answered normally: the faults took no slot
+    assert time.monotonic() - t0 >= FAULT_DELAY
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(logits_of(r), want, atol=1e-5)
+
+    r = post_logits(server.url, KEY_A, payload)
+    assert r.status_code == 500
+    assert r.json() == {"detail": "Service temporarily unavailable (injected fault)."}
+
+    # the slow call was a real call: it holds KEY_A's slot (60 s interval)
+    assert 50 <= _retry_after(post_logits(server.url, KEY_A, payload)) <= 60
+    t0 = time.monotonic()
+    r = post_logits(server.url, KEY_A2, payload)  # faults used up: a normal call
+    assert time.monotonic() - t0 < FAULT_DELAY
+    assert r.status_code == 200 and r.json()["batch_size"] == 4 and len(r.json()["results"]) == 4
+    np.testing.assert_allclose(logits_of(r), want, atol=1e-5)
+
+    assert [(e["endpoint"], e["key_id"], e["n_images"]) for e in _log_lines(server)] == [
+        ("logits", key_id(KEY_A), 4),
+        ("logits", key_id(KEY_A2), 4),
+    ]
+
+
+def test_cli_refuses_a_bad_fault_spec(replica):
+    spec = "slow:zero"  # the other bad specs: test_parse_faults_and_fault_queue
+    env = {k: v for k, v in os.environ.items() if k != "RECON_API_KEY"}  # the spec is checked before the keys
+    p = subprocess.run(
+        [sys.executable, "-m", "recon.challenge_cli", "serve", str(replica.root), "--port", str(free_port()),
+         "--fault", "error503:1", "--fault", spec],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert p.returncode == 2
+    assert f"recon-challenge serve: error: bad fault spec {spec!r}" in p.stderr
+
+
 # --- call log and secrecy -----------------------------------------------------------------------------------
 
 
@@ -489,16 +636,18 @@ def test_call_log_records_accepted_calls_by_key_id(main, replica):
         assert datetime.fromisoformat(e["time"].replace("Z", "+00:00")).utcoffset().total_seconds() == 0
 
 
-def test_keys_never_reach_logs_or_output(main, limited):
+def test_keys_never_reach_logs_or_output(servers, main, limited):
     assert _log_lines(limited), "the limited server accepted calls, so it has a log"
-    for server in (main, limited):
+    for server in servers.values():
         for path in (server.call_log, server.output):
+            if not path.exists():
+                continue
             text = path.read_text()
             for key in ALL_KEYS:
                 assert key not in text, f"a key leaked into {path.name}"
     assert "2 key(s)" in main.output.read_text()  # the startup line counts keys, never shows them
 
 
-def test_server_still_healthy_after_everything(main, limited, replica):
+def test_server_still_healthy_after_everything(servers, main, replica):
     assert_alive(main, replica)
-    assert main.proc.poll() is None and limited.proc.poll() is None
+    assert all(server.proc.poll() is None for server in servers.values())
