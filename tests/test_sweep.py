@@ -101,3 +101,42 @@ def test_replay_reproduces_the_submission(tmp_path, digits_replica, capsys):
     replayed = next(r for r in runs if r.data.tags.get("replay_of") == run.info.run_id)
     assert replayed.data.tags["submission_sha256"] == run.data.tags["submission_sha256"]
     assert replay.main(["0" * 32, "--state", str(state)]) == 2
+
+
+def test_mlflow_ui_on_the_documented_store_shows_the_runs(tmp_path, compose_cfg):
+    """README: `mlflow ui --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db` serves our runs and metrics."""
+    import socket
+    import time
+
+    import requests
+
+    from recon.pipeline import run
+
+    state = tmp_path / "mlruns"
+    summary = run(compose_cfg("proxy.folds=2", state=state))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+                             f"sqlite:///{state}/mlflow.db", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(base + "/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        exp = requests.get(base + "/api/2.0/mlflow/experiments/get-by-name",
+                           params={"experiment_name": "recon"}, timeout=10).json()["experiment"]
+        runs = requests.post(base + "/api/2.0/mlflow/runs/search",
+                             json={"experiment_ids": [exp["experiment_id"]]}, timeout=10).json()["runs"]
+        (r,) = runs
+        assert r["info"]["run_id"] == summary["run_id"]
+        keys = {m["key"] for m in r["data"]["metrics"]}
+        assert {"submission_score", "holdout_matching", "proxy_mse", "diversity_mean_pairwise_mse"} <= keys
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=20)
