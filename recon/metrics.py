@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from recon import scoring
 from recon.dataset_io import Dataset
-from recon.reconstruct import CandidateFn, Params, reconstruct
 from recon.scoring import pairwise_mse
 
 
@@ -47,39 +49,51 @@ def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return ids
 
 
-def _rule_scores(sub: np.ndarray, sub_labels: np.ndarray, held: Dataset, per_class: int,
-                 num_classes: int) -> dict[str, np.ndarray]:
-    """Each rule per class (held-out images stand in for T; target sets G are halves of them, averaged)."""
-    out = {r: np.zeros(num_classes) for r in scoring.RULES}
-    for c in range(num_classes):
-        s, t = sub[sub_labels == c], held.of_class(c)
-        n_draws = max(1, len(t) // per_class)
-        draws = [t[i * per_class:(i + 1) * per_class] for i in range(n_draws)] if len(t) >= per_class else [t]
-        out["nearest"][c] = scoring.score_nearest(s, t)
-        out["matching_train"][c] = scoring.score_matching_train(s, t)
-        out["matching"][c] = np.mean([scoring.score_matching(s, g) for g in draws])
-        out["coverage"][c] = np.mean([scoring.score_coverage(s, g) for g in draws])
-    return out
+def class_rule_score(rule: str, s: np.ndarray, held: np.ndarray, per_class: int, capacity: int = 1) -> float:
+    """One class's submissions scored against that class's held-out images under `rule`.
+
+    Held-out images stand in for T; the target sets G of `matching`/`coverage` are disjoint draws of
+    per_class of them, averaged. `capacity` corrects `matching_train` for size: a held-out fold is far smaller
+    than T, so each held-out image may take `capacity` ~ |T| / |fold| submissions (per class)."""
+    if rule == "nearest":
+        return scoring.score_nearest(s, held)
+    if rule == "matching_train":
+        d = scoring.pairwise_mse(s, held)
+        rows, cols = linear_sum_assignment(np.tile(d, (1, max(1, capacity))))
+        return float(d[rows, cols % d.shape[1]].mean())
+    n_draws = max(1, len(held) // per_class)
+    draws = [held[i * per_class:(i + 1) * per_class] for i in range(n_draws)] if len(held) >= per_class else [held]
+    fn = scoring.score_matching if rule == "matching" else scoring.score_coverage
+    return float(np.mean([fn(s, g) for g in draws]))
+
+
+def capacity_for(train_per_class: int | None, held_per_class: int) -> int:
+    return 1 if not train_per_class else max(1, round(train_per_class / max(1, held_per_class)))
+
+
+Builder = Callable[[Dataset], tuple[np.ndarray, np.ndarray]]
 
 
 def holdout_scores(
-    aux: Dataset, p: Params, *, folds: int = 5, seed: int = 0, candidate_fn: CandidateFn | None = None
+    aux: Dataset, build: Builder, *, per_class: int = 10, folds: int = 5, seed: int = 0, num_classes: int = 10,
+    rules: tuple[str, ...] = scoring.RULES, train_per_class: int | None = None,
 ) -> dict[str, float]:
-    """Cross-fitted estimate of every rule: build on the in-folds, score on the held-out fold, average.
+    """Cross-fitted estimate of each rule: build on the in-folds, score on the held-out fold, average.
 
-    Class-restricted scoring (each class's submissions against that class's held-out images) is what the
-    per-class metrics report; the headline `holdout_<rule>` is their mean over classes.
+    `build(in_fold_aux) -> (images, labels)`. Each class's submissions are scored against that class's held-out
+    images (`class_rule_score`); the headline `holdout_<rule>` is the mean over classes, reported per class too.
     """
     ids = fold_ids(aux.labels, folds, seed)
-    acc = {r: [] for r in scoring.RULES}
+    acc = {r: np.zeros((folds, num_classes)) for r in rules}
     for f in range(folds):
-        train_f, held_f = aux.subset(ids != f), aux.subset(ids == f)
-        kwargs = {"candidate_fn": candidate_fn} if candidate_fn else {}
-        rec = reconstruct(train_f, p, progress=False, **kwargs)
-        scores = _rule_scores(rec.images, rec.labels, held_f, p.per_class, p.num_classes)
-        for r in scoring.RULES:
-            acc[r].append(scores[r])
+        images, labels = build(aux.subset(ids != f))
+        held = aux.subset(ids == f)
+        for c in range(num_classes):
+            s, t = images[labels == c], held.of_class(c)
+            cap = capacity_for(train_per_class, len(t))
+            for r in rules:
+                acc[r][f, c] = class_rule_score(r, s, t, per_class, cap)
     out: dict[str, float] = {}
-    for r in scoring.RULES:
-        out.update(_with_per_class(f"holdout_{r}", np.mean(acc[r], axis=0)))
+    for r in rules:
+        out.update(_with_per_class(f"holdout_{r}", acc[r].mean(axis=0)))
     return out

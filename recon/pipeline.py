@@ -23,6 +23,7 @@ from recon.plots import image_grid
 from recon.reconstruct import Params, parse_k, parse_seeds, reconstruct
 from recon.refine import light_optimize, logits_swap
 from recon.replica import build_replica, load_replica, replica_exists
+from recon.solvers import SolverSpec, fixed, solve
 from recon.submission import write_submission
 from recon.tracking import params_from, tracked_run
 
@@ -43,6 +44,26 @@ def params_from_cfg(cfg: DictConfig) -> Params:
         centroid_preference=float(p.centroid_preference),
         global_seed=int(cfg.seed),
     )
+
+
+def objective_of(cfg: DictConfig, replica) -> tuple[str, int | None]:
+    """The rule to optimise (the replica's, or matching for a server of unknown rule) and |T| per class."""
+    rule = cfg.objective.rule or (replica.rule if replica is not None else "matching")
+    scoring.check_rule(rule)
+    tpc = cfg.objective.train_per_class
+    if tpc is None:
+        tpc = replica.meta["sizes"]["train"] // replica.meta["num_classes"] if replica is not None else 500
+    return rule, int(tpc)
+
+
+def spec_from_cfg(cfg: DictConfig, rule: str, train_per_class: int | None) -> SolverSpec:
+    sv = {k: as_plain(v) for k, v in cfg.solver.items() if k not in ("name", "oracle")}
+    for k in ("alpha", "m", "min_sep"):
+        if k in sv and not isinstance(sv[k], list):
+            sv[k] = [sv[k]]
+    return SolverSpec(name=str(cfg.solver.name), rule=rule, per_class=int(cfg.pipeline.per_class),
+                      seed=int(cfg.seed), folds=int(cfg.proxy.folds), train_per_class=train_per_class,
+                      **{k: tuple(v) if isinstance(v, list) else v for k, v in sv.items()})
 
 
 def cached_candidates(cache_dir: str):
@@ -111,6 +132,7 @@ def run(cfg: DictConfig) -> dict:
     container = resolved_container(cfg)
     tr = cfg.tracking
     tags = {"hydra_overrides": " ".join(overrides)[:5000], **{k: str(v) for k, v in as_plain(tr.tags).items()}}
+    parent = parent or tr.get("parent_run_id")
     with tracked_run(tr.uri, tr.experiment, tr.artifact_root, run_name=str(cfg.name), parent_run_id=parent,
                      tags=tags) as active:
         mlflow.log_params(params_from(container))
@@ -139,9 +161,33 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
         else:
             aux = load_dataset(cfg.challenge.aux_path)
     cand_fn = cached_candidates(cfg.paths.cache)
+    rule, train_pc = objective_of(cfg, replica)
+    mlflow.set_tags({"objective_rule": rule, "solver": str(cfg.solver.name)})
     with timer.stage("reconstruct"):
-        rec = reconstruct(aux, p, candidate_fn=cand_fn)
-    images, labels = rec.images, rec.labels
+        if cfg.solver.name == "seed":
+            rec = reconstruct(aux, p, candidate_fn=cand_fn)
+            images, labels = rec.images, rec.labels
+            n_medoids = int((rec.chosen.kind != "centroid").sum())
+
+            def build(d):
+                r = reconstruct(d, p, candidate_fn=cand_fn, progress=False)
+                return r.images, r.labels
+        else:
+            spec = spec_from_cfg(cfg, rule, train_pc)
+            source = aux
+            if cfg.solver.get("oracle", False):
+                if replica is None:
+                    raise ValueError("solver.oracle=true needs challenge=replica: it fits on the hidden train set")
+                source = replica.train
+                mlflow.set_tag("oracle", "true")
+            sol = solve(source, spec)
+            images, labels, n_medoids = sol.images, sol.labels, None
+            mlflow.log_metrics({f"solver_{k}": float(v) for k, v in sol.info.items() if not isinstance(v, dict)})
+            frozen = fixed(spec, sol.info)  # the held-out metric re-fits with the chosen settings on each fold
+
+            def build(d):
+                r = solve(d, frozen)
+                return r.images, r.labels
     client = None
     with timer.stage("refine"):
         rname = cfg.refine.name
@@ -172,8 +218,8 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
         metrics.update(diversity(images, labels))
     if cfg.proxy.enabled:
         with timer.stage("holdout"):
-            metrics.update(holdout_scores(aux, p, folds=int(cfg.proxy.folds), seed=int(cfg.seed),
-                                          candidate_fn=cand_fn))
+            metrics.update(holdout_scores(aux, build, per_class=p.per_class, folds=int(cfg.proxy.folds),
+                                          seed=int(cfg.seed), train_per_class=train_pc))
     with timer.stage("score"):
         if replica is not None:
             all_scores = replica.score_all(images)
@@ -202,7 +248,8 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
         "submission_sha256": sha,
         "rule": replica.rule if replica else None,
         "replica_id": replica.id if replica else None,
-        "n_medoids": int((rec.chosen.kind != "centroid").sum()),
+        "n_medoids": n_medoids,
+        "objective_rule": rule,
         "metrics": metrics,
     }
 
@@ -235,8 +282,9 @@ def print_summary(s: dict) -> None:
         lines.append("  all rules: " + "  ".join(f"{r}={m[f'score_{r}']:.5f}" for r in scoring.RULES))
     if "holdout_matching" in m:
         lines.append("  holdout:   " + "  ".join(f"{r}={m[f'holdout_{r}']:.5f}" for r in scoring.RULES))
-    lines.append(f"  proxy_mse={m['proxy_mse']:.5f}  diversity mean={m['diversity_mean_pairwise_mse']:.5f} "
-                 f"min={m['diversity_min_pairwise_mse']:.5f}  medoids={s['n_medoids']}")
+    lines.append(f"  objective={s['objective_rule']}  proxy_mse={m['proxy_mse']:.5f}  "
+                 f"diversity mean={m['diversity_mean_pairwise_mse']:.5f} min={m['diversity_min_pairwise_mse']:.5f}"
+                 + (f"  medoids={s['n_medoids']}" if s["n_medoids"] is not None else ""))
     lines.append(f"  logits calls={int(m['n_logits_queries'])}  seconds: "
                  + " ".join(f"{k[8:]}={v:.1f}" for k, v in m.items() if k.startswith("seconds_")))
     lines.append(f"  submission: {s['submission']}")

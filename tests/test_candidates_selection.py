@@ -724,7 +724,15 @@ def test_fold_ids_stratified_and_deterministic(folds):
 def holdout_setup():
     aux = small_dataset(per_class=20, seed=9)
     p = Params(k=(3,), seeds=(0,), per_class=3)
-    return aux, p, holdout_scores(aux, p, folds=2, seed=0)
+    return aux, p, holdout_scores(aux, builder(p), per_class=3, folds=2, seed=0)
+
+
+def builder(p):
+    def build(d):
+        rec = reconstruct(d, p, progress=False)
+        return rec.images, rec.labels
+
+    return build
 
 
 def test_holdout_scores_keys_and_values(holdout_setup):
@@ -744,7 +752,7 @@ def test_holdout_scores_keys_and_values(holdout_setup):
 
 def test_holdout_scores_deterministic(holdout_setup):
     aux, p, got = holdout_setup
-    assert holdout_scores(aux, p, folds=2, seed=0) == got
+    assert holdout_scores(aux, builder(p), per_class=3, folds=2, seed=0) == got
 
 
 def test_holdout_nearest_and_matching_train_match_manual_cross_fit(holdout_setup):

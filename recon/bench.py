@@ -1,0 +1,150 @@
+"""`recon-bench`: every seed variant and every solver on one replica, scored under all four rules.
+
+Logs every run to MLflow under one parent and writes a markdown table: for each rule, the best seed variant,
+the `best_<rule>` preset, their ratio, the oracle (the rule's solver fitted on the hidden train set) and the
+gap closed toward it, (best seed - ours) / (best seed - oracle). With `--proxy-check` it instead runs a sweep
+of configs and reports the Spearman rank correlation between `holdout_<rule>` and the true `score_<rule>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+from scipy.stats import spearmanr
+
+from recon.atomic import atomic_write_text
+from recon.pipeline import run
+from recon.replica import load_replica
+from recon.scoring import RULES
+from recon.store import compose_app
+from recon.tracking import setup_store
+
+SEED_VARIANTS = {
+    "A (seed_centroids)": ["experiment=seed_centroids"],
+    "C (seed_blend)": ["experiment=seed_blend"],
+    "D (seed_ratio 5c+5m)": ["experiment=seed_ratio"],
+    "E (seed_ratio 4c+6m)": ["experiment=seed_ratio", "pipeline.medoid_ratio=0.6"],
+    "F (seed_ratio 2c+8m)": ["experiment=seed_ratio", "pipeline.medoid_ratio=0.8"],
+    "v2 (seed_v2)": ["experiment=seed_v2"],
+    "final (seed_final)": ["experiment=seed_final"],
+}
+SOLVERS = {
+    "shrinkage (matching)": ["solver=shrinkage", "objective.rule=matching"],
+    **{f"best_{r}": [f"experiment=best_{r}"] for r in RULES},
+}
+ORACLES = {f"oracle_{r}": [f"experiment=best_{r}", "solver.oracle=true"] for r in RULES}
+
+PROXY_CHECK = {
+    **{f"seed k={k} ratio={m}": [f"pipeline.k={k}", f"pipeline.medoid_ratio={m}"]
+       for k in (5, 10, 20) for m in (0, 0.5, 1)},
+    "seed farthest": ["pipeline.ranking=farthest", "pipeline.dedup_threshold=5e-4"],
+    "seed_blend": ["experiment=seed_blend"],
+    "seed_ratio": ["experiment=seed_ratio"],
+    "seed_v2": ["experiment=seed_v2"],
+    **{f"shrinkage alpha={a}": ["solver=shrinkage", f"solver.alpha=[{a}]"] for a in (0.0, 0.2, 0.4, 0.6)},
+    **{f"mq alpha={a}": ["solver=matching_quantiser", f"solver.alpha=[{a}]"] for a in (0.0, 0.2)},
+    **{f"nearest m={m}": ["solver=nearest", f"solver.m=[{m}]"] for m in (1, 5, 20)},
+    "nearest distinct m=5": ["solver=nearest", "solver.m=[5]", "solver.distinct=true", "solver.min_sep=[0.002]"],
+    "coverage": ["solver=coverage"],
+}
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.5f}" if np.isfinite(v) else "n/a"
+
+
+def run_all(entries: dict[str, list[str]], base: list[str], parent: str, proxy: bool) -> dict[str, dict]:
+    results = {}
+    for label, overrides in entries.items():
+        cfg = compose_app([*base, *overrides, f"tracking.parent_run_id={parent}",
+                           f"proxy.enabled={str(proxy).lower()}", f"name={label.split(' ')[0]}"])
+        t0 = time.perf_counter()
+        summary = run(cfg)
+        results[label] = {**summary["metrics"], "wall_seconds": time.perf_counter() - t0}
+    return results
+
+
+def bench_table(results: dict[str, dict], replica_name: str) -> str:
+    seeds = {k: v for k, v in results.items() if k in SEED_VARIANTS}
+    lines = [f"### {replica_name}", "",
+             "| rule | best seed variant | its score | `best_<rule>` | ratio (goal) | oracle | gap closed |",
+             "|---|---|---|---|---|---|---|"]
+    goals = {"matching": 0.80, "nearest": 0.70, "matching_train": 0.75, "coverage": 0.92}
+    for r in RULES:
+        best_seed = min(seeds, key=lambda k: seeds[k][f"score_{r}"])
+        s0 = seeds[best_seed][f"score_{r}"]
+        ours = results[f"best_{r}"][f"score_{r}"]
+        oracle = results.get(f"oracle_{r}", {}).get(f"score_{r}", float("nan"))
+        gap = (s0 - ours) / (s0 - oracle) if np.isfinite(oracle) and s0 != oracle else float("nan")
+        mark = "met" if ours / s0 <= goals[r] else "missed"
+        lines.append(f"| `{r}` | {best_seed} | {_fmt(s0)} | {_fmt(ours)} | {ours / s0:.3f} ({goals[r]}, {mark}) | "
+                     f"{_fmt(oracle)} | {gap:.0%} |")
+    lines += ["", "| run | " + " | ".join(f"`{r}`" for r in RULES) + " | seconds |",
+              "|---|" + "---|" * (len(RULES) + 1)]
+    for label, m in results.items():
+        lines.append(f"| {label} | " + " | ".join(_fmt(m[f"score_{r}"]) for r in RULES)
+                     + f" | {m['wall_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def proxy_table(results: dict[str, dict], replica_name: str) -> str:
+    lines = [f"### {replica_name}: holdout vs true score over {len(results)} configs", "",
+             "| rule | Spearman rho | goal |", "|---|---|---|"]
+    for r in RULES:
+        h = [m[f"holdout_{r}"] for m in results.values()]
+        t = [m[f"score_{r}"] for m in results.values()]
+        rho = spearmanr(h, t).statistic
+        lines.append(f"| `{r}` | {rho:.3f} | 0.9 ({'met' if rho >= 0.9 else 'missed'}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="recon-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--replica", default=None, help="replica directory (default: the configured digits replica)")
+    ap.add_argument("--state", default=None, help="state root (default: ./mlruns)")
+    ap.add_argument("--proxy-check", action="store_true", help="Spearman of holdout vs true score over a sweep")
+    ap.add_argument("--final-seeds", type=int, default=200, help="swap-pool seeds of recipe final (200 as recorded)")
+    ap.add_argument("--out", default=None, help="markdown file to write (default: beside the store)")
+    args = ap.parse_args(argv)
+    base = [f"paths.state={Path(args.state).resolve()}"] if args.state else []
+    cfg = compose_app(base)
+    replica_dir = Path(args.replica).resolve() if args.replica else Path(cfg.challenge.dir)
+    if not (replica_dir / "meta.json").is_file():
+        from recon.pipeline import ensure_replica
+
+        ensure_replica(cfg)
+    base += [f"challenge.dir={replica_dir}", f"refine.pool_seeds={args.final_seeds}"]
+    rep = load_replica(replica_dir)
+    name = f"{replica_dir.name} (replica {rep.id}, {rep.meta['sizes']['aux']} aux / {rep.meta['sizes']['train']} train)"
+    tr = cfg.tracking
+    exp_id = setup_store(tr.uri, tr.experiment, tr.artifact_root)
+    client = MlflowClient(tr.uri)
+    kind = "proxy-check" if args.proxy_check else "bench"
+    parent = client.create_run(exp_id, run_name=f"{kind}-{replica_dir.name}",
+                               tags={"recon.sweep": "parent", "recon.bench": kind, "replica_id": rep.id}).info.run_id
+    status = "FAILED"
+    try:
+        if args.proxy_check:
+            results = run_all(PROXY_CHECK, base, parent, proxy=True)
+            text = proxy_table(results, name)
+        else:
+            results = run_all({**SEED_VARIANTS, **SOLVERS, **ORACLES}, base, parent, proxy=False)
+            text = bench_table(results, name)
+        out = Path(args.out) if args.out else Path(cfg.paths.state) / f"{kind}-{replica_dir.name}.md"
+        atomic_write_text(out, text)
+        client.log_artifact(parent, str(out))
+        print("\n" + text + f"\nwritten to {out}; MLflow parent run {parent}")
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent, status)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
