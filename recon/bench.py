@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         from recon.pipeline import ensure_replica
 
         ensure_replica(cfg)
-    base += [f"challenge.dir={replica_dir}", f"refine.pool_seeds={args.final_seeds}"]
+    base += [f"challenge.dir={replica_dir}"]
     rep = load_replica(replica_dir)
     name = f"{replica_dir.name} (replica {rep.id}, {rep.meta['sizes']['aux']} aux / {rep.meta['sizes']['train']} train)"
     tr = cfg.tracking
@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             results = run_all(PROXY_CHECK, base, parent, proxy=True)
             text = proxy_table(results, name)
         else:
-            results = run_all({**SEED_VARIANTS, **SOLVERS, **ORACLES}, base, parent, proxy=False)
+            seeds = {k: v + ([f"refine.pool_seeds={args.final_seeds}"] if "seed_final" in v[0] else [])
+                     for k, v in SEED_VARIANTS.items()}
+            results = run_all({**seeds, **SOLVERS, **ORACLES}, base, parent, proxy=False)
             text = bench_table(results, name)
         out = Path(args.out) if args.out else Path(cfg.paths.state) / f"{kind}-{replica_dir.name}.md"
         atomic_write_text(out, text)

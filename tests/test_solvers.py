@@ -1,0 +1,182 @@
+"""Objective-aware solvers: their building blocks, the held-out tuning, the pipeline wiring and the bench."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from scipy.optimize import linear_sum_assignment
+
+from recon import bench
+from recon.dataset_io import Dataset
+from recon.metrics import class_rule_score
+from recon.pipeline import run
+from recon.scoring import RULES, pairwise_mse, score_matching
+from recon.solvers import (
+    SolverSpec,
+    dense_prototypes,
+    fixed,
+    kmeans_centroids,
+    local_means,
+    matching_quantiser,
+    shrink,
+    solve,
+    tune,
+)
+
+SHAPE = (3, 4, 4)
+
+
+def blobs(n_clusters=5, per=20, spread=0.05, seed=0, sizes=None):
+    """Well-separated Gaussian clusters in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0.2, 0.8, (n_clusters, *SHAPE))
+    sizes = sizes or [per] * n_clusters
+    x = np.concatenate([c + spread * rng.standard_normal((k, *SHAPE)) for c, k in zip(centres, sizes)])
+    return np.clip(x, 0, 1).astype(np.float32), centres
+
+
+def dataset(per_class=30, classes=10, seed=0, spread=0.08):
+    rng = np.random.default_rng(seed)
+    parts, labels = [], []
+    for c in range(classes):
+        x, _ = blobs(3, per_class // 3, spread, seed=seed * 100 + c)
+        parts.append(x)
+        labels.append(np.full(len(x), c))
+    perm = rng.permutation(sum(len(p) for p in parts))
+    return Dataset(np.concatenate(parts)[perm], np.concatenate(labels)[perm].astype(np.int64))
+
+
+def expected_matching_cost(s, x, draws=300, seed=1):
+    rng = np.random.default_rng(seed)
+    return np.mean([score_matching(s, x[rng.choice(len(x), len(s), replace=False)]) for _ in range(draws)])
+
+
+def test_shrink_endpoints():
+    x, _ = blobs()
+    imgs = x[:4]
+    np.testing.assert_allclose(shrink(imgs, x, 0.0), imgs, atol=1e-7)
+    np.testing.assert_allclose(shrink(imgs, x, 1.0), np.repeat(x.mean(0, keepdims=True), 4, 0), atol=1e-6)
+
+
+def test_matching_quantiser_lowers_expected_matching_cost_and_is_deterministic():
+    x, _ = blobs(5, sizes=[40, 25, 15, 10, 10], spread=0.1)
+    init = kmeans_centroids(x, 5, 0)
+    mq = matching_quantiser(x, 5, iters=15, draws=80, seed=0, init=init)
+    assert mq.shape == (5, *SHAPE) and mq.dtype == np.float32
+    assert expected_matching_cost(mq, x) < expected_matching_cost(init, x)
+    np.testing.assert_array_equal(mq, matching_quantiser(x, 5, iters=15, draws=80, seed=0, init=init))
+
+
+def test_matching_quantiser_recovers_equal_mass_clusters():
+    x, centres = blobs(5, per=30, spread=0.02)
+    mq = matching_quantiser(x, 5, iters=10, draws=50, seed=0)
+    d = pairwise_mse(mq, centres)
+    nearest = d.argmin(axis=1)
+    assert sorted(nearest) == list(range(5))  # one centre per cluster
+    # each sits near its cluster (random draws rarely hold one image per cluster, so not exactly on the mean)
+    between = pairwise_mse(centres, centres) + np.eye(5)
+    assert d.min(axis=1).max() < 0.25 * between.min()
+
+
+def test_local_means_and_dense_prototypes():
+    dense, _ = blobs(1, per=30, spread=0.01, seed=1)
+    sparse, _ = blobs(1, per=10, spread=0.2, seed=2)
+    x = np.concatenate([dense, sparse])
+    means, density = local_means(x, 5)
+    assert means.shape == x.shape and np.argmin(density) < 30  # the densest point is in the tight blob
+    dup = dense_prototypes(x, 4, 5, distinct=False)
+    assert (dup == dup[0]).all()
+    apart = dense_prototypes(x, 4, 3, distinct=True, min_sep=1e-3)
+    d = pairwise_mse(apart, apart) + np.eye(4)
+    assert len(apart) == 4 and d.min() > 0
+
+
+def test_capacity_turns_matching_train_into_nearest():
+    rng = np.random.default_rng(0)
+    s, t = rng.random((6, *SHAPE)), rng.random((4, *SHAPE))
+    d = pairwise_mse(s, t)
+    assert class_rule_score("matching_train", s, t, 10, capacity=1) == pytest.approx(
+        d[linear_sum_assignment(d)].mean())
+    assert class_rule_score("matching_train", s, t, 10, capacity=6) == pytest.approx(d.min(1).mean())
+
+
+def test_tune_picks_the_lowest_held_out_score():
+    aux = dataset(spread=0.15)
+    grid = [0.0, 0.3, 0.6, 1.0]
+
+    def base(x, c):
+        return kmeans_centroids(x, 10, c)
+
+    best, scores = tune(aux, base, lambda b, x, a: shrink(b, x, a), grid, rule="matching", per_class=10,
+                        folds=3, seed=0)
+    assert set(scores) == {str(v) for v in grid}
+    assert scores[str(best)] == min(scores.values())
+    assert tune(aux, base, lambda b, x, a: b, [0.5], rule="matching", per_class=10, folds=3, seed=0)[0] == 0.5
+
+
+@pytest.mark.parametrize("spec", [
+    SolverSpec("shrinkage", "matching", alpha=(0.0, 0.3), folds=2),
+    SolverSpec("matching_quantiser", "matching", alpha=(0.0, 0.1), iters=3, draws=20, folds=2),
+    SolverSpec("coverage", "coverage", restarts=2, alpha=(0.0, 0.1), folds=2),
+    SolverSpec("nearest", "nearest", m=(1, 3), folds=2),
+    SolverSpec("nearest", "matching_train", m=(1, 3), distinct=True, min_sep=(0.0, 1e-3), folds=2,
+               train_per_class=40),
+])
+def test_every_solver_returns_a_submission_and_freezes_its_settings(spec):
+    aux = dataset()
+    sol = solve(aux, spec)
+    assert sol.images.shape == (100, *SHAPE) and np.bincount(sol.labels).tolist() == [10] * 10
+    assert sol.images.min() >= 0 and sol.images.max() <= 1
+    frozen = fixed(spec, sol.info)
+    again = solve(aux, frozen)
+    np.testing.assert_array_equal(again.images, sol.images)  # the frozen settings reproduce the fit
+
+
+def test_unknown_solver():
+    with pytest.raises(ValueError, match="solver='bogus'"):
+        solve(dataset(), SolverSpec("bogus", "matching"))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_best_presets_log_their_objective(compose_cfg, rule):
+    cfg = compose_cfg(f"experiment=best_{rule}", "proxy.folds=2", "solver.oracle=false")
+    summary = run(cfg)
+    r = MlflowClient(cfg.tracking.uri).get_run(summary["run_id"])
+    assert r.data.tags["objective_rule"] == rule and r.data.params["objective.rule"] == rule
+    assert r.data.tags["solver"] == cfg.solver.name != "seed"
+    assert f"holdout_{rule}" in r.data.metrics and "oracle" not in r.data.tags
+
+
+def test_objective_defaults_to_the_replica_rule_and_oracle_is_marked(compose_cfg, digits_replica):
+    cfg = compose_cfg("solver=nearest", "solver.m=[3]", "proxy.enabled=false", "solver.oracle=true")
+    summary = run(cfg)
+    r = MlflowClient(cfg.tracking.uri).get_run(summary["run_id"])
+    assert r.data.tags["objective_rule"] == digits_replica.rule
+    assert r.data.tags["oracle"] == "true"
+    # fitted on the hidden train set: every prototype is a local mean of train images
+    assert summary["metrics"]["score_nearest"] < run(compose_cfg("solver=nearest", "solver.m=[3]",
+                                                                 "proxy.enabled=false"))["metrics"]["score_nearest"]
+
+
+def test_bench_writes_the_comparison_table(tmp_path, digits_replica, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "SEED_VARIANTS", {k: v for k, v in bench.SEED_VARIANTS.items() if k[0] in "AC"})
+    monkeypatch.setattr(bench, "ORACLES", {"oracle_nearest": ["experiment=best_nearest", "solver.oracle=true"]})
+    out = tmp_path / "bench.md"
+    assert bench.main(["--replica", str(digits_replica.root), "--state", str(tmp_path / "s"),
+                       "--out", str(out)]) == 0
+    text = out.read_text()
+    for r in RULES:
+        assert f"| `{r}` |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| `nearest` |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    seed_score, ours, oracle = float(cells[2]), float(cells[3]), float(cells[5])
+    assert float(cells[4].split()[0]) == pytest.approx(ours / seed_score, abs=5e-3)  # cells are rounded
+    assert int(cells[6].rstrip("%")) == pytest.approx(100 * (seed_score - ours) / (seed_score - oracle), abs=1.5)
+    client = MlflowClient(f"sqlite:///{tmp_path / 's'}/mlflow.db")
+    exp = client.get_experiment_by_name("recon")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("recon.bench") == "bench")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 + len(bench.SOLVERS) + 1
+    assert "bench.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
