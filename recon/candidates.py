@@ -83,18 +83,21 @@ def kmeans_candidates(
 
 
 def class_candidates(
-    x: np.ndarray, *, cls: int, ks: Sequence[int], seeds: Sequence[int], global_seed: int = 0
+    x: np.ndarray, *, cls: int, ks: Sequence[int], seeds: Sequence[int], global_seed: int = 0,
+    progress_desc: str | None = None,
 ) -> Candidates:
     """Every (k, seed) k-means run on one class's images, all kinds, with provenance."""
+    from recon.progress import track
+
     d_within = pairwise_mse(x, x)
     parts = []
-    for k in ks:
-        for s in seeds:
-            runs = kmeans_candidates(x, k=int(k), random_state=class_stream(global_seed, s, cls), d_within=d_within)
-            for kind, (imgs, member) in runs.items():
-                m = len(imgs)
-                parts.append(Candidates(
-                    imgs.astype(np.float32), np.full(m, cls), np.full(m, s), np.full(m, k),
-                    np.full(m, kind, dtype=object), member,
-                ))
+    runs = [(k, s) for k in ks for s in seeds]
+    for k, s in (track(runs, desc=progress_desc, total=len(runs)) if progress_desc else runs):
+        result = kmeans_candidates(x, k=int(k), random_state=class_stream(global_seed, s, cls), d_within=d_within)
+        for kind, (imgs, member) in result.items():
+            m = len(imgs)
+            parts.append(Candidates(
+                imgs.astype(np.float32), np.full(m, cls), np.full(m, s), np.full(m, k),
+                np.full(m, kind, dtype=object), member,
+            ))
     return Candidates.concat(parts)

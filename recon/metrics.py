@@ -49,26 +49,29 @@ def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return ids
 
 
-def class_rule_score(rule: str, s: np.ndarray, held: np.ndarray, per_class: int, capacity: int = 1) -> float:
+def class_rule_score(rule: str, s: np.ndarray, held: np.ndarray, per_class: int,
+                     train_per_class: int | None = None) -> float:
     """One class's submissions scored against that class's held-out images under `rule`.
 
     Held-out images stand in for T; the target sets G of `matching`/`coverage` are disjoint draws of
-    per_class of them, averaged. `capacity` corrects `matching_train` for size: a held-out fold is far smaller
-    than T, so each held-out image may take `capacity` ~ |T| / |fold| submissions (per class)."""
+    per_class of them, averaged. For `matching_train` a fold is far smaller than T, which would make the
+    one-to-one matching far too strict; keeping the ratio |S|/|T| instead, the submissions are matched in
+    chunks of len(s) * len(held) / train_per_class (at least 1) and the chunk costs averaged."""
     if rule == "nearest":
         return scoring.score_nearest(s, held)
     if rule == "matching_train":
         d = scoring.pairwise_mse(s, held)
-        rows, cols = linear_sum_assignment(np.tile(d, (1, max(1, capacity))))
-        return float(d[rows, cols % d.shape[1]].mean())
+        size = len(s) if not train_per_class else max(1, round(len(s) * len(held) / train_per_class))
+        costs = []
+        for start in range(0, len(s), size):  # a handful of chunks; each is one small assignment
+            block = d[start : start + size]
+            rows, cols = linear_sum_assignment(block)
+            costs.append(block[rows, cols])
+        return float(np.concatenate(costs).mean())
     n_draws = max(1, len(held) // per_class)
     draws = [held[i * per_class:(i + 1) * per_class] for i in range(n_draws)] if len(held) >= per_class else [held]
     fn = scoring.score_matching if rule == "matching" else scoring.score_coverage
     return float(np.mean([fn(s, g) for g in draws]))
-
-
-def capacity_for(train_per_class: int | None, held_per_class: int) -> int:
-    return 1 if not train_per_class else max(1, round(train_per_class / max(1, held_per_class)))
 
 
 Builder = Callable[[Dataset], tuple[np.ndarray, np.ndarray]]
@@ -90,9 +93,8 @@ def holdout_scores(
         held = aux.subset(ids == f)
         for c in range(num_classes):
             s, t = images[labels == c], held.of_class(c)
-            cap = capacity_for(train_per_class, len(t))
             for r in rules:
-                acc[r][f, c] = class_rule_score(r, s, t, per_class, cap)
+                acc[r][f, c] = class_rule_score(r, s, t, per_class, train_per_class)
     out: dict[str, float] = {}
     for r in rules:
         out.update(_with_per_class(f"holdout_{r}", acc[r].mean(axis=0)))

@@ -6,15 +6,17 @@ import hashlib
 import time
 import uuid
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from joblib import Memory
 from omegaconf import DictConfig, OmegaConf
 
 from recon import scoring
 from recon.atomic import atomic_write_json, atomic_write_text
-from recon.candidates import class_candidates
+from recon.candidates import Candidates, class_candidates
 from recon.config import as_plain, resolved_container
 from recon.dataset_io import load_dataset
 from recon.logits_client import ReplicaLogits
@@ -197,8 +199,7 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
             rf = cfg.refine
             swap_p = Params(**{**p.__dict__, "k": parse_k(as_plain(rf.pool_k)),
                                "seeds": parse_seeds(as_plain(rf.pool_seeds))})
-            pool = _swap_pool(aux, swap_p, cand_fn)
-            images, info = logits_swap(images, labels, pool, client, n_swap=int(rf.n_swap),
+            images, info = logits_swap(images, labels, _swap_pool(aux, swap_p), client, n_swap=int(rf.n_swap),
                                        min_mse_to_class=float(rf.min_mse_to_class), medoid_kind=p.medoid_kind)
         elif rname == "light_optimize":
             rf = cfg.refine
@@ -254,13 +255,20 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
     }
 
 
-def _swap_pool(aux, p: Params, cand_fn):
-    from recon.candidates import Candidates
-    from recon.progress import track
+def _swap_pool(aux, p: Params):
+    """Recipe final's swap pool, built per class on demand and not cached on disk: over 200 seeds and 4 k it
+    is hundreds of MB per class, and only the classes that get a swap need it."""
+    @cache
+    def pool_for(c: int) -> Candidates:
+        cand = class_candidates(aux.of_class(c), cls=c, ks=p.k, seeds=p.seeds, global_seed=p.global_seed,
+                                progress_desc=f"swap pool, class {c}: {len(p.seeds)} seeds x k={list(p.k)}")
+        keep = np.flatnonzero((cand.kind == "centroid") | (cand.kind == p.medoid_kind))
+        cand = cand.take(keep)
+        is_member = np.flatnonzero(cand.member >= 0)  # the same aux image recurs across seeds and k: once
+        _, first = np.unique(cand.member[is_member], return_index=True)
+        return cand.take(np.concatenate([np.flatnonzero(cand.member < 0), is_member[first]]))
 
-    parts = [cand_fn(aux.of_class(c), cls=c, ks=p.k, seeds=p.seeds, global_seed=p.global_seed)
-             for c in track(range(p.num_classes), desc=f"swap pool: {len(p.seeds)} seeds x k={list(p.k)}")]
-    return Candidates.concat(parts)
+    return pool_for
 
 
 def make_logits_client(cfg: DictConfig, replica):

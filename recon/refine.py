@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from recon.candidates import Candidates
@@ -12,7 +14,7 @@ from recon.scoring import pairwise_mse
 def logits_swap(
     images: np.ndarray,
     labels: np.ndarray,
-    pool: Candidates,
+    pool_for: Callable[[int], Candidates],
     client: LogitsClient,
     *,
     n_swap: int = 20,
@@ -26,11 +28,11 @@ def logits_swap(
     own = probs[np.arange(len(images)), labels]
     worst = np.argsort(own, kind="stable")[:n_swap]
     out = images.copy()
-    usable = (pool.kind == "centroid") | (pool.kind == medoid_kind)
     swapped = 0
     for i in worst:  # one pass over the (few) images to swap; distances are vectorised
-        c = labels[i]
-        cand = np.flatnonzero(usable & (pool.cls == c))
+        c = int(labels[i])
+        pool = pool_for(c)
+        cand = np.flatnonzero((pool.kind == "centroid") | (pool.kind == medoid_kind))
         rest = np.flatnonzero((labels == c) & (np.arange(len(out)) != i))
         d = pairwise_mse(pool.images[cand], out[rest]).min(axis=1)
         ok = d >= min_mse_to_class

@@ -24,7 +24,7 @@ from sklearn.cluster import KMeans
 
 from recon.candidates import class_stream
 from recon.dataset_io import Dataset
-from recon.metrics import capacity_for, class_rule_score, fold_ids
+from recon.metrics import class_rule_score, fold_ids
 from recon.scoring import pairwise_mse
 
 SOLVERS = ("shrinkage", "matching_quantiser", "coverage", "nearest")
@@ -129,9 +129,8 @@ def tune(aux: Dataset, base: Base, finish: Finish, grid: Sequence, *, rule: str,
         for c in range(num_classes):
             x, t = inn.of_class(c), held.of_class(c)
             b = base(x, c)
-            cap = capacity_for(train_per_class, len(t))
             for j, v in enumerate(grid):
-                scores[j] += class_rule_score(rule, finish(b, x, v), t, per_class, cap)
+                scores[j] += class_rule_score(rule, finish(b, x, v), t, per_class, train_per_class)
     scores /= folds * num_classes
     best = int(np.argmin(scores))
     return grid[best], {str(v): float(s) for v, s in zip(grid, scores)}

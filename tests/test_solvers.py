@@ -92,13 +92,19 @@ def test_local_means_and_dense_prototypes():
     assert len(apart) == 4 and d.min() > 0
 
 
-def test_capacity_turns_matching_train_into_nearest():
+def test_matching_train_size_correction():
     rng = np.random.default_rng(0)
     s, t = rng.random((6, *SHAPE)), rng.random((4, *SHAPE))
     d = pairwise_mse(s, t)
-    assert class_rule_score("matching_train", s, t, 10, capacity=1) == pytest.approx(
-        d[linear_sum_assignment(d)].mean())
-    assert class_rule_score("matching_train", s, t, 10, capacity=6) == pytest.approx(d.min(1).mean())
+    one_to_one = d[linear_sum_assignment(d)].mean()
+    assert class_rule_score("matching_train", s, t, 10) == pytest.approx(one_to_one)
+    # |T| per class as large as the fold: no correction
+    assert class_rule_score("matching_train", s, t, 10, train_per_class=4) == pytest.approx(one_to_one)
+    # a huge T: chunks of one, i.e. each submission's nearest held-out image
+    assert class_rule_score("matching_train", s, t, 10, train_per_class=1000) == pytest.approx(d.min(1).mean())
+    # in between: chunks of 2 (6 * 4 / 12), each matched one-to-one
+    chunks = [d[i:i + 2][linear_sum_assignment(d[i:i + 2])] for i in (0, 2, 4)]
+    assert class_rule_score("matching_train", s, t, 10, train_per_class=12) == pytest.approx(np.mean(chunks))
 
 
 def test_tune_picks_the_lowest_held_out_score():
