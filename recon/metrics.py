@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.special import comb
 
 from recon import scoring
 from recon.dataset_io import Dataset
@@ -49,25 +50,52 @@ def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return ids
 
 
+def expected_nearest(d: np.ndarray, n: int) -> np.ndarray:
+    """Per row, the exact expected minimum over a random n-subset of the columns (from sorted distances)."""
+    m = d.shape[1]
+    rank = np.arange(m)
+    weights = comb(m - 1 - rank, n - 1) / comb(m, n)  # P(the rank-th smallest is the subset's minimum)
+    return np.sort(d, axis=1) @ weights
+
+
+def extrapolated_nearest(d: np.ndarray, train_per_class: int | None) -> np.ndarray:
+    """Each submission's nearest-neighbour distance, extrapolated from a small fold to |T| per class.
+
+    A fold holds far fewer images than T, and the nearest of fewer images is farther: that flatters blurry
+    images, whose distance barely falls as images are added, over sharp ones near dense regions. Fit
+    log E[min over n] against log n on subsets of the fold (exact expectations), then extrapolate to |T|."""
+    m = d.shape[1]
+    if not train_per_class or train_per_class <= m or m < 4:
+        return d.min(axis=1)
+    ns = np.unique(np.round(np.geomspace(max(2, m // 4), m, 4)).astype(int))
+    x = np.log(ns)
+    y = np.log(np.maximum(np.stack([expected_nearest(d, n) for n in ns], axis=1), 1e-12))
+    slope = ((x - x.mean()) * (y - y.mean(axis=1, keepdims=True))).sum(axis=1) / ((x - x.mean()) ** 2).sum()
+    return d.min(axis=1) * (train_per_class / m) ** np.minimum(slope, 0.0)
+
+
 def class_rule_score(rule: str, s: np.ndarray, held: np.ndarray, per_class: int,
                      train_per_class: int | None = None) -> float:
     """One class's submissions scored against that class's held-out images under `rule`.
 
     Held-out images stand in for T; the target sets G of `matching`/`coverage` are disjoint draws of
-    per_class of them, averaged. For `matching_train` a fold is far smaller than T, which would make the
-    one-to-one matching far too strict; keeping the ratio |S|/|T| instead, the submissions are matched in
-    chunks of len(s) * len(held) / train_per_class (at least 1) and the chunk costs averaged."""
-    if rule == "nearest":
-        return scoring.score_nearest(s, held)
-    if rule == "matching_train":
+    per_class of them, averaged. With `train_per_class` (|T| per class), the two rules against T are
+    size-corrected: `nearest` is extrapolated to |T| (`extrapolated_nearest`); for `matching_train` the
+    submissions are matched in chunks of len(s) * len(held) / |T| (at least 1), keeping the ratio |S|/|T|, and
+    the chunk cost is scaled by the same extrapolation."""
+    if rule in ("nearest", "matching_train"):
         d = scoring.pairwise_mse(s, held)
+        near = extrapolated_nearest(d, train_per_class)
+        if rule == "nearest":
+            return float(near.mean())
         size = len(s) if not train_per_class else max(1, round(len(s) * len(held) / train_per_class))
         costs = []
         for start in range(0, len(s), size):  # a handful of chunks; each is one small assignment
             block = d[start : start + size]
             rows, cols = linear_sum_assignment(block)
             costs.append(block[rows, cols])
-        return float(np.concatenate(costs).mean())
+        chunked = float(np.concatenate(costs).mean())
+        return chunked * float(near.mean()) / max(float(d.min(axis=1).mean()), 1e-12)
     n_draws = max(1, len(held) // per_class)
     draws = [held[i * per_class:(i + 1) * per_class] for i in range(n_draws)] if len(held) >= per_class else [held]
     fn = scoring.score_matching if rule == "matching" else scoring.score_coverage

@@ -9,7 +9,7 @@ from scipy.optimize import linear_sum_assignment
 
 from recon import bench
 from recon.dataset_io import Dataset
-from recon.metrics import class_rule_score
+from recon.metrics import class_rule_score, expected_nearest, extrapolated_nearest
 from recon.pipeline import run
 from recon.scoring import RULES, pairwise_mse, score_matching
 from recon.solvers import (
@@ -92,6 +92,26 @@ def test_local_means_and_dense_prototypes():
     assert len(apart) == 4 and d.min() > 0
 
 
+def test_expected_nearest_is_exact():
+    import itertools
+
+    d = np.random.default_rng(0).random((3, 7))
+    for n in (1, 2, 3, 7):
+        brute = np.array([[min(row[list(c)]) for c in itertools.combinations(range(7), n)] for row in d]).mean(1)
+        np.testing.assert_allclose(expected_nearest(d, n), brute, atol=1e-12)
+
+
+def test_nearest_extrapolation_favours_points_that_get_closer_with_more_images():
+    rng = np.random.default_rng(0)
+    held = rng.random((40, *SHAPE)).astype(np.float32)
+    sharp, blurry = held[:1] + 0.01, np.full((1, *SHAPE), 0.5, np.float32)
+    d = pairwise_mse(np.concatenate([sharp, blurry]), held[1:])
+    fold = extrapolated_nearest(d, None)
+    big = extrapolated_nearest(d, 5000)
+    assert (big <= fold + 1e-12).all()  # more images can only bring the nearest closer
+    assert big[0] / fold[0] < big[1] / fold[1]  # the random-looking point gains more than the mean image
+
+
 def test_matching_train_size_correction():
     rng = np.random.default_rng(0)
     s, t = rng.random((6, *SHAPE)), rng.random((4, *SHAPE))
@@ -100,11 +120,13 @@ def test_matching_train_size_correction():
     assert class_rule_score("matching_train", s, t, 10) == pytest.approx(one_to_one)
     # |T| per class as large as the fold: no correction
     assert class_rule_score("matching_train", s, t, 10, train_per_class=4) == pytest.approx(one_to_one)
-    # a huge T: chunks of one, i.e. each submission's nearest held-out image
-    assert class_rule_score("matching_train", s, t, 10, train_per_class=1000) == pytest.approx(d.min(1).mean())
-    # in between: chunks of 2 (6 * 4 / 12), each matched one-to-one
-    chunks = [d[i:i + 2][linear_sum_assignment(d[i:i + 2])] for i in (0, 2, 4)]
-    assert class_rule_score("matching_train", s, t, 10, train_per_class=12) == pytest.approx(np.mean(chunks))
+    # a huge T: chunks of one, so the extrapolated nearest distance
+    assert class_rule_score("matching_train", s, t, 10, train_per_class=1000) == pytest.approx(
+        class_rule_score("nearest", s, t, 10, train_per_class=1000))
+    # in between: chunks of 2 (6 * 4 / 12), each matched one-to-one, scaled by the extrapolation
+    chunks = np.mean([d[i:i + 2][linear_sum_assignment(d[i:i + 2])] for i in (0, 2, 4)])
+    scale = extrapolated_nearest(d, 12).mean() / d.min(1).mean()
+    assert class_rule_score("matching_train", s, t, 10, train_per_class=12) == pytest.approx(chunks * scale)
 
 
 def test_tune_picks_the_lowest_held_out_score():
