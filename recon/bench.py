@@ -111,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proxy-check", action="store_true", help="Spearman of holdout vs true score over a sweep")
     ap.add_argument("--final-seeds", type=int, default=200, help="swap-pool seeds of recipe final (200 as recorded)")
     ap.add_argument("--out", default=None, help="markdown file to write (default: beside the store)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. proxy.folds=2")
     args = ap.parse_args(argv)
     base = [f"paths.state={Path(args.state).resolve()}"] if args.state else []
+    base += args.overrides
     cfg = compose_app(base)
     replica_dir = Path(args.replica).resolve() if args.replica else Path(cfg.challenge.dir)
     if not (replica_dir / "meta.json").is_file():
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         ensure_replica(cfg)
     base += [f"challenge.dir={replica_dir}"]
     rep = load_replica(replica_dir)
-    name = f"{replica_dir.name} (replica {rep.id}, {rep.meta['sizes']['aux']} aux / {rep.meta['sizes']['train']} train)"
+    name = (f"{replica_dir.name} (replica {rep.id}, {rep.meta['sizes']['aux']} aux / "
+            f"{rep.meta['sizes']['train']} train{', ' + ' '.join(args.overrides) if args.overrides else ''})")
     tr = cfg.tracking
     exp_id = setup_store(tr.uri, tr.experiment, tr.artifact_root)
     client = MlflowClient(tr.uri)
