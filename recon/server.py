@@ -436,6 +436,18 @@ def create_app(
         status = {"error503": 503, "error500": 500}[kind]
         return _error(status, "Service temporarily unavailable (injected fault).")
 
+    async def _guarded(slot: _Slot, endpoint: str, work):
+        """Run a call's work; a refused or failed call gives its rate-limit slot back."""
+        try:
+            return await work()
+        except SubmissionError as e:
+            svc.limits[endpoint].cancel(slot)
+            return _error(e.status, str(e))
+        except Exception:
+            svc.limits[endpoint].cancel(slot)
+            log.exception("%s call failed", endpoint)
+            return _error(500, "Internal server error.")
+
     @app.get("/health")
     async def health() -> dict:
         return {
@@ -459,16 +471,13 @@ def create_app(
         slot = _reserve(kid, "logits")
         if isinstance(slot, JSONResponse):
             return slot
-        try:
+        async def work():
             data, _ = await _read_upload(request, "npz", require_npz_name=False)
-            out = await run_in_threadpool(svc.logits, data)
-        except SubmissionError as e:
-            svc.limits["logits"].cancel(slot)
-            return _error(e.status, str(e))
-        except Exception:
-            svc.limits["logits"].cancel(slot)
-            log.exception("logits call failed")
-            return _error(500, "Internal server error.")
+            return await run_in_threadpool(svc.logits, data)
+
+        out = await _guarded(slot, "logits", work)
+        if isinstance(out, JSONResponse):
+            return out
         await run_in_threadpool(svc.record, kid, "logits", len(out))
         return JSONResponse(_logits_body(out, len(out)))
 
@@ -480,16 +489,14 @@ def create_app(
         slot = _reserve(kid, "submit")
         if isinstance(slot, JSONResponse):
             return slot
-        try:
+        async def work():
             data, filename = await _read_upload(request, "file", require_npz_name=True)
-            n, score = await run_in_threadpool(svc.score, data, filename)
-        except SubmissionError as e:
-            svc.limits["submit"].cancel(slot)
-            return _error(e.status, str(e))
-        except Exception:
-            svc.limits["submit"].cancel(slot)
-            log.exception("submission failed")
-            return _error(500, "Internal server error.")
+            return await run_in_threadpool(svc.score, data, filename)
+
+        result = await _guarded(slot, "submit", work)
+        if isinstance(result, JSONResponse):
+            return result
+        n, score = result
         submission_id = secrets.token_hex(16)
         await run_in_threadpool(svc.record, kid, "submit", n, submission_id=submission_id)
         return JSONResponse(
