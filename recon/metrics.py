@@ -107,22 +107,22 @@ Builder = Callable[[Dataset], tuple[np.ndarray, np.ndarray]]
 
 def holdout_scores(
     aux: Dataset, build: Builder, *, per_class: int = 10, folds: int = 5, seed: int = 0, num_classes: int = 10,
-    rules: tuple[str, ...] = scoring.RULES, train_per_class: int | None = None,
+    rules: tuple[str, ...] = scoring.RULES, train_per_class: int | None = None, repeats: int = 1,
 ) -> dict[str, float]:
     """Cross-fitted estimate of each rule: build on the in-folds, score on the held-out fold, average.
 
     `build(in_fold_aux) -> (images, labels)`. Each class's submissions are scored against that class's held-out
     images (`class_rule_score`); the headline `holdout_<rule>` is the mean over classes, reported per class too.
     """
-    ids = fold_ids(aux.labels, folds, seed)
-    acc = {r: np.zeros((folds, num_classes)) for r in rules}
-    for f in range(folds):
+    acc = {r: np.zeros((repeats * folds, num_classes)) for r in rules}
+    splits = [(fold_ids(aux.labels, folds, seed + rep), f) for rep in range(repeats) for f in range(folds)]
+    for i, (ids, f) in enumerate(splits):  # `repeats` different K-fold splits, averaged: less noise
         images, labels = build(aux.subset(ids != f))
         held = aux.subset(ids == f)
         for c in range(num_classes):
             s, t = images[labels == c], held.of_class(c)
             for r in rules:
-                acc[r][f, c] = class_rule_score(r, s, t, per_class, train_per_class)
+                acc[r][i, c] = class_rule_score(r, s, t, per_class, train_per_class)
     out: dict[str, float] = {}
     for r in rules:
         out.update(_with_per_class(f"holdout_{r}", acc[r].mean(axis=0)))

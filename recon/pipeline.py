@@ -220,7 +220,8 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
     if cfg.proxy.enabled:
         with timer.stage("holdout"):
             metrics.update(holdout_scores(aux, build, per_class=p.per_class, folds=int(cfg.proxy.folds),
-                                          seed=int(cfg.seed), train_per_class=train_pc))
+                                          seed=int(cfg.seed), train_per_class=train_pc,
+                                          repeats=int(cfg.proxy.get("repeats", 1))))
     with timer.stage("score"):
         if replica is not None:
             all_scores = replica.score_all(images)
