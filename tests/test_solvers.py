@@ -208,3 +208,19 @@ def test_bench_writes_the_comparison_table(tmp_path, digits_replica, monkeypatch
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 + len(bench.SOLVERS) + 1
     assert "bench.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_holdout_repeats_average_several_splits():
+    from recon.metrics import holdout_scores
+
+    aux = dataset()
+
+    def build(d):
+        sol = solve(d, SolverSpec("shrinkage", "matching", alpha=(0.2,), folds=2))
+        return sol.images, sol.labels
+
+    one = holdout_scores(aux, build, folds=2, seed=0)
+    other = holdout_scores(aux, build, folds=2, seed=1)
+    both = holdout_scores(aux, build, folds=2, seed=0, repeats=2)
+    for r in RULES:
+        assert both[f"holdout_{r}"] == pytest.approx((one[f"holdout_{r}"] + other[f"holdout_{r}"]) / 2)
