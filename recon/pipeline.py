@@ -228,16 +228,14 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
             metrics.update({f"score_{r}": v for r, v in all_scores.items()})
             metrics["submission_score"] = all_scores[replica.rule]
         elif cfg.challenge.submit:
-            from recon.client import client_from_cfg
-
-            client = client or client_from_cfg(cfg.challenge)
+            client = client or make_logits_client(cfg, None)
             response = client.submit(sub_path)
             mlflow.set_tag("submission_id", str(response.get("submission_id")))
             if isinstance(response.get("score"), (int, float)):
                 metrics["submission_score"] = float(response["score"])
     metrics["n_logits_queries"] = float(client.n_queries if client else 0)
     metrics["n_logits_images"] = float(client.n_images if client else 0)
-    metrics["n_logits_cached"] = float(getattr(client, "n_cached", 0) if client else 0)
+    metrics["n_logits_cached"] = float(client.n_cached if client else 0)
     metrics.update({f"refine_{k}": float(v) for k, v in info.items()})
     metrics.update(timer.seconds)
     mlflow.log_metrics(metrics)
