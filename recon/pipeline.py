@@ -6,6 +6,7 @@ import hashlib
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -197,8 +198,7 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
             client = make_logits_client(cfg, replica)
         if rname == "logits_swap":
             rf = cfg.refine
-            swap_p = Params(**{**p.__dict__, "k": parse_k(as_plain(rf.pool_k)),
-                               "seeds": parse_seeds(as_plain(rf.pool_seeds))})
+            swap_p = replace(p, k=parse_k(as_plain(rf.pool_k)), seeds=parse_seeds(as_plain(rf.pool_seeds)))
             images, info = logits_swap(images, labels, _swap_pool(aux, swap_p), client, n_swap=int(rf.n_swap),
                                        min_mse_to_class=float(rf.min_mse_to_class), medoid_kind=p.medoid_kind)
         elif rname == "light_optimize":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,7 +25,6 @@ class Params:
     centroid_preference: float = 0.0
     global_seed: int = 0
     num_classes: int = 10
-    extra: dict = field(default_factory=dict)
 
 
 def parse_seeds(seeds: int | Sequence[int]) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ Every solver works per class on arrays and returns (images, labels).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -216,8 +216,6 @@ def solve(aux: Dataset, spec: SolverSpec) -> Solution:
 
 def fixed(spec: SolverSpec, info: dict) -> SolverSpec:
     """The spec with its tuned settings frozen: what the held-out metric re-runs on each fold."""
-    from dataclasses import replace
-
     if spec.name in ("shrinkage", "matching_quantiser"):
         return replace(spec, alpha=(info["alpha"],))
     if spec.name == "coverage":
