@@ -13,31 +13,33 @@ from recon.dataset_io import Dataset
 from recon.scoring import pairwise_mse
 
 
-def _with_per_class(name: str, per_class: np.ndarray) -> dict[str, float]:
-    out = {name: float(np.mean(per_class))}
-    out.update({f"{name}_c{c}": float(v) for c, v in enumerate(per_class)})
-    return out
+def _present(name: str, values: dict[int, float], headline: float) -> dict[str, float]:
+    """A headline plus one value per class that has one (class-free solvers may leave a class empty)."""
+    return {name: float(headline), **{f"{name}_c{c}": float(v) for c, v in values.items()}}
 
 
 def proxy_mse(images: np.ndarray, labels: np.ndarray, aux: Dataset, num_classes: int = 10) -> dict[str, float]:
     """Mean MSE to the nearest same-class aux image. Biased: a medoid scores 0 against its own pool."""
-    per = np.array([
-        pairwise_mse(images[labels == c], aux.of_class(c)).min(axis=1).mean() for c in range(num_classes)
-    ])
-    return _with_per_class("proxy_mse", per)  # classes hold equal counts, so this is the mean over images
+    near = np.empty(len(images))
+    for c in range(num_classes):
+        mask = labels == c
+        if mask.any():
+            near[mask] = pairwise_mse(images[mask], aux.of_class(c)).min(axis=1)
+    per = {c: near[labels == c].mean() for c in range(num_classes) if (labels == c).any()}
+    return _present("proxy_mse", per, near.mean())  # the mean over images, whatever the class counts
 
 
 def diversity(images: np.ndarray, labels: np.ndarray, num_classes: int = 10) -> dict[str, float]:
-    """Within-class pairwise MSE (mean and min), averaged over classes."""
-    means, mins = [], []
+    """Within-class pairwise MSE (mean and min), averaged over the classes that hold two images or more."""
+    means, mins = {}, {}
     for c in range(num_classes):
         x = images[labels == c]
-        d = pairwise_mse(x, x)
-        iu = np.triu_indices(len(x), 1)
-        means.append(d[iu].mean() if len(iu[0]) else 0.0)
-        mins.append(d[iu].min() if len(iu[0]) else 0.0)
-    return {**_with_per_class("diversity_mean_pairwise_mse", np.array(means)),
-            **_with_per_class("diversity_min_pairwise_mse", np.array(mins))}
+        if len(x) < 2:
+            continue
+        d = pairwise_mse(x, x)[np.triu_indices(len(x), 1)]
+        means[c], mins[c] = d.mean(), d.min()
+    return {**_present("diversity_mean_pairwise_mse", means, np.mean(list(means.values())) if means else 0.0),
+            **_present("diversity_min_pairwise_mse", mins, np.mean(list(mins.values())) if mins else 0.0)}
 
 
 def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -102,18 +104,32 @@ def class_rule_score(rule: str, s: np.ndarray, held: np.ndarray, per_class: int,
     return float(np.mean([fn(s, g) for g in draws]))
 
 
+def pooled_rule_score(rule: str, s: np.ndarray, held: np.ndarray, per_class: int, num_classes: int,
+                      train_per_class: int | None = None) -> float:
+    """`class_rule_score` with classes ignored, as the rules themselves do: all submissions against the whole
+    held-out fold, target draws of per_class * num_classes held-out images (in aux order, which is shuffled,
+    so roughly per_class of each class), |T| = train_per_class * num_classes."""
+    return class_rule_score(rule, s, held, per_class * num_classes,
+                            train_per_class * num_classes if train_per_class else None)
+
+
 Builder = Callable[[Dataset], tuple[np.ndarray, np.ndarray]]
 
 
 def holdout_scores(
     aux: Dataset, build: Builder, *, per_class: int = 10, folds: int = 5, seed: int = 0, num_classes: int = 10,
     rules: tuple[str, ...] = scoring.RULES, train_per_class: int | None = None, repeats: int = 1,
+    pooled: bool = False,
 ) -> dict[str, float]:
     """Cross-fitted estimate of each rule: build on the in-folds, score on the held-out fold, average.
 
     `build(in_fold_aux) -> (images, labels)`. Each class's submissions are scored against that class's held-out
     images (`class_rule_score`); the headline `holdout_<rule>` is the mean over classes, reported per class too.
+    With `pooled` (class-free solvers, whose class counts vary) all submissions are scored against the whole
+    held-out fold instead (`pooled_rule_score`), and only the headline is reported.
     """
+    if pooled:
+        return _pooled_holdout(aux, build, per_class, folds, seed, num_classes, rules, train_per_class, repeats)
     acc = {r: np.zeros((repeats * folds, num_classes)) for r in rules}
     splits = [(fold_ids(aux.labels, folds, seed + rep), f) for rep in range(repeats) for f in range(folds)]
     for i, (ids, f) in enumerate(splits):  # `repeats` different K-fold splits, averaged: less noise
@@ -125,5 +141,19 @@ def holdout_scores(
                 acc[r][i, c] = class_rule_score(r, s, t, per_class, train_per_class)
     out: dict[str, float] = {}
     for r in rules:
-        out.update(_with_per_class(f"holdout_{r}", acc[r].mean(axis=0)))
+        per = acc[r].mean(axis=0)
+        out.update(_present(f"holdout_{r}", dict(enumerate(per)), per.mean()))
     return out
+
+
+def _pooled_holdout(aux: Dataset, build: Builder, per_class: int, folds: int, seed: int, num_classes: int,
+                    rules: tuple[str, ...], train_per_class: int | None, repeats: int) -> dict[str, float]:
+    acc = {r: [] for r in rules}
+    for rep in range(repeats):
+        ids = fold_ids(aux.labels, folds, seed + rep)
+        for f in range(folds):
+            images, _ = build(aux.subset(ids != f))
+            held = aux.subset(ids == f).images
+            for r in rules:
+                acc[r].append(pooled_rule_score(r, images, held, per_class, num_classes, train_per_class))
+    return {f"holdout_{r}": float(np.mean(v)) for r, v in acc.items()}

@@ -60,12 +60,13 @@ def objective_of(cfg: DictConfig, replica) -> tuple[str, int | None]:
 
 
 def spec_from_cfg(cfg: DictConfig, rule: str, train_per_class: int | None) -> SolverSpec:
-    sv = {k: as_plain(v) for k, v in cfg.solver.items() if k not in ("name", "oracle")}
-    for k in ("alpha", "m", "min_sep"):
+    sv = {k: as_plain(v) for k, v in cfg.solver.items() if k not in ("name", "oracle", "folds")}
+    for k in ("alpha", "m", "min_sep", "select"):
         if k in sv and not isinstance(sv[k], list):
             sv[k] = [sv[k]]
+    folds = cfg.solver.get("folds") or cfg.proxy.folds  # the solver's own choices may use a different split
     return SolverSpec(name=str(cfg.solver.name), rule=rule, per_class=int(cfg.pipeline.per_class),
-                      seed=int(cfg.seed), folds=int(cfg.proxy.folds), train_per_class=train_per_class,
+                      seed=int(cfg.seed), folds=int(folds), train_per_class=train_per_class,
                       **{k: tuple(v) if isinstance(v, list) else v for k, v in sv.items()})
 
 
@@ -185,7 +186,9 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
                 mlflow.set_tag("oracle", "true")
             sol = solve(source, spec)
             images, labels, n_medoids = sol.images, sol.labels, None
-            mlflow.log_metrics({f"solver_{k}": float(v) for k, v in sol.info.items() if not isinstance(v, dict)})
+            chosen = {f"solver_{k}": v for k, v in sol.info.items() if not isinstance(v, dict)}
+            mlflow.log_metrics({k: float(v) for k, v in chosen.items() if not isinstance(v, str)})
+            mlflow.set_tags({k: v for k, v in chosen.items() if isinstance(v, str)})
             frozen = fixed(spec, sol.info)  # the held-out metric re-fits with the chosen settings on each fold
 
             def build(d):
@@ -221,11 +224,13 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
         with timer.stage("holdout"):
             metrics.update(holdout_scores(aux, build, per_class=p.per_class, folds=int(cfg.proxy.folds),
                                           seed=int(cfg.seed), train_per_class=train_pc,
-                                          repeats=int(cfg.proxy.get("repeats", 1))))
+                                          repeats=int(cfg.proxy.get("repeats", 1)),
+                                          pooled=cfg.solver.get("allocation", "per_class") == "global"))
     with timer.stage("score"):
         if replica is not None:
             all_scores = replica.score_all(images)
             metrics.update({f"score_{r}": v for r, v in all_scores.items()})
+            metrics.update({f"score_{r}_redrawn": v for r, v in replica.redrawn_scores(images).items()})
             metrics["submission_score"] = all_scores[replica.rule]
         elif cfg.challenge.submit:
             client = client or make_logits_client(cfg, None)

@@ -135,6 +135,11 @@ class Replica:
     def score_all(self, images: np.ndarray) -> dict[str, float]:
         return scoring.score_all(images, targets=self.targets.images, train=self.train.images)
 
+    def redrawn_scores(self, images: np.ndarray, draws: int = 200) -> dict[str, float]:
+        """`matching` and `coverage` over `draws` target sets redrawn from T like the real one."""
+        per_class = len(self.targets.images) // self.meta["num_classes"]
+        return scoring.redrawn_target_scores(images, self.train.images, self.train.labels, per_class, draws)
+
 
 def replica_exists(root: str | os.PathLike) -> bool:
     return (Path(root) / "meta.json").is_file()

@@ -22,12 +22,15 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
+from recon.allocation import claim_prototypes, dense_global, global_kmeans, greedy_apart
 from recon.candidates import class_stream
 from recon.dataset_io import Dataset
-from recon.metrics import class_rule_score, fold_ids
+from recon.metrics import class_rule_score, fold_ids, pooled_rule_score
 from recon.scoring import pairwise_mse
 
 SOLVERS = ("shrinkage", "matching_quantiser", "coverage", "nearest")
+ALLOCATIONS = ("per_class", "global")
+GLOBAL_SOLVERS = ("coverage", "nearest")
 
 
 @dataclass
@@ -92,19 +95,7 @@ def dense_prototypes(x: np.ndarray, n: int, m: int, *, distinct: bool, min_sep: 
     order = np.argsort(density, kind="stable")
     if not distinct:
         return np.repeat(means[order[:1]], n, axis=0)
-    dmm = pairwise_mse(means, means)
-    kept: list[int] = []
-    for i in order:  # greedy: densest first, each at least min_sep from those kept
-        if not kept or dmm[i, kept].min() > min_sep:
-            kept.append(int(i))
-        if len(kept) == n:
-            break
-    for i in order:  # too few far-apart points: fill with the next densest
-        if len(kept) == n:
-            break
-        if i not in kept:
-            kept.append(int(i))
-    return means[kept]
+    return means[greedy_apart(order, pairwise_mse(means, means), n, min_sep)]
 
 
 # --- choosing settings on held-out folds ----------------------------------------------------------------
@@ -132,6 +123,29 @@ def tune(aux: Dataset, base: Base, finish: Finish, grid: Sequence, *, rule: str,
             for j, v in enumerate(grid):
                 scores[j] += class_rule_score(rule, finish(b, x, v), t, per_class, train_per_class)
     scores /= folds * num_classes
+    best = int(np.argmin(scores))
+    return grid[best], {str(v): float(s) for v, s in zip(grid, scores)}
+
+
+PooledBuild = Callable[[Dataset, object, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def tune_pooled(aux: Dataset, build: PooledBuild, grid: Sequence, *, rule: str, per_class: int, folds: int,
+                seed: int, num_classes: int = 10, train_per_class: int | None = None) -> tuple[object, dict]:
+    """`tune` for class-free solvers: each setting builds on the in-folds of all classes at once and is scored
+    against the whole held-out fold (`pooled_rule_score`). `build(in_fold, setting, distances)`."""
+    grid = list(grid)
+    if len(grid) == 1:
+        return grid[0], {}
+    ids = fold_ids(aux.labels, folds, seed)
+    scores = np.zeros(len(grid))
+    for f in range(folds):
+        inn, held = aux.subset(ids != f), aux.subset(ids == f)
+        d = pairwise_mse(inn.images, inn.images)  # shared by every setting
+        for j, v in enumerate(grid):
+            images, _ = build(inn, v, d)
+            scores[j] += pooled_rule_score(rule, images, held.images, per_class, num_classes, train_per_class)
+    scores /= folds
     best = int(np.argmin(scores))
     return grid[best], {str(v): float(s) for v, s in zip(grid, scores)}
 
@@ -165,12 +179,18 @@ class SolverSpec:
     min_sep: Sequence[float] = (0.0,)
     num_classes: int = 10
     train_per_class: int | None = None  # expected |T| per class, for the matching_train size correction
+    allocation: str = "per_class"  # or "global": classes share the n * num_classes images (coverage, nearest)
+    select: Sequence[str] = ("greedy",)  # global nearest, distinct: "greedy" (densest, apart) and/or "claim"
 
 
 def solve(aux: Dataset, spec: SolverSpec) -> Solution:
     """Fit `spec` on aux: settings chosen on held-out folds of aux, then the final build on all of it."""
     if spec.name not in SOLVERS:
         raise ValueError(f"solver={spec.name!r}: choose one of {', '.join(SOLVERS)} (or seed)")
+    if spec.allocation not in ALLOCATIONS:
+        raise ValueError(f"solver.allocation={spec.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+    if spec.allocation == "global":
+        return _solve_global(aux, spec)
     n, s = spec.per_class, spec.seed
     kw = {"rule": spec.rule, "per_class": n, "folds": spec.folds, "seed": s, "num_classes": spec.num_classes,
           "train_per_class": spec.train_per_class}
@@ -214,8 +234,46 @@ def solve(aux: Dataset, spec: SolverSpec) -> Solution:
     return Solution(images, labels, info)
 
 
+def _solve_global(aux: Dataset, spec: SolverSpec) -> Solution:
+    """Class-free allocation (`recon.allocation`): per_class * num_classes images shared by all classes."""
+    if spec.name not in GLOBAL_SOLVERS:
+        raise ValueError(f"solver.allocation=global works with {' and '.join(GLOBAL_SOLVERS)}, not {spec.name!r}")
+    total = spec.per_class * spec.num_classes
+    if spec.name == "coverage":
+        images, labels = global_kmeans(aux.images, aux.labels, total, restarts=spec.restarts,
+                                       seed=class_stream(spec.seed, spec.first_restart, 0),
+                                       num_classes=spec.num_classes)
+        return Solution(images, labels, {})
+    train_size = spec.train_per_class * spec.num_classes if spec.train_per_class else len(aux)
+
+    def build(d: Dataset, v, dist=None):
+        select, m, sep = v
+        if select == "claim":
+            return claim_prototypes(d.images, d.labels, total, m, train_size, dist)
+        if not spec.distinct:  # one prototype, repeated: free under `nearest`
+            one, label = dense_global(d.images, d.labels, 1, m, 0.0, dist)
+            return np.repeat(one, total, axis=0), np.repeat(label, total)
+        return dense_global(d.images, d.labels, total, m, sep, dist)
+
+    for sel in spec.select:
+        if sel not in ("greedy", "claim"):
+            raise ValueError(f"solver.select={sel!r}: choose greedy and/or claim")
+    grid = [("claim", m, 0.0) if sel == "claim" else (sel, m, sep)
+            for sel in spec.select for m in spec.m for sep in (spec.min_sep if sel == "greedy" else (0.0,))]
+    grid = list(dict.fromkeys(grid))
+    best, scores = tune_pooled(aux, build, grid, rule=spec.rule, per_class=spec.per_class, folds=spec.folds,
+                               seed=spec.seed, num_classes=spec.num_classes, train_per_class=spec.train_per_class)
+    select, m, sep = best
+    images, labels = build(aux, best)
+    return Solution(images, labels, {"scores": scores, "select": select, "m": m, "min_sep": sep})
+
+
 def fixed(spec: SolverSpec, info: dict) -> SolverSpec:
     """The spec with its tuned settings frozen: what the held-out metric re-runs on each fold."""
+    if spec.allocation == "global":
+        if spec.name == "coverage":
+            return spec
+        return replace(spec, select=(info["select"],), m=(info["m"],), min_sep=(info["min_sep"],))
     if spec.name in ("shrinkage", "matching_quantiser"):
         return replace(spec, alpha=(info["alpha"],))
     if spec.name == "coverage":
