@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.special import softmax
 from sklearn.cluster import KMeans
 
 from recon.scoring import pairwise_mse
@@ -104,3 +105,19 @@ def global_kmeans(x: np.ndarray, labels: np.ndarray, n: int, *, restarts: int, s
     np.add.at(votes, (km.labels_, labels), 1)
     centres = km.cluster_centers_.astype(np.float32).reshape((n, *x.shape[1:]))
     return _by_label(np.clip(centres, 0.0, 1.0), votes.argmax(axis=1))
+
+
+def soft_kmeans(x: np.ndarray, centres: np.ndarray, temperature: float, iters: int = 30) -> np.ndarray:
+    """Soft k-means from `centres`: each image weighs on every centre by exp(-MSE / temperature).
+
+    A hard centroid is the mean of its ~10 members and carries their noise; soft weights average over more
+    images, trading a little bias toward neighbours for less variance. The temperature is fitted on folds."""
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    c = centres.reshape(len(centres), -1).astype(np.float64)
+    x2 = (flat * flat).sum(1)[:, None]
+    for _ in range(iters):
+        d = np.maximum(x2 + (c * c).sum(1)[None, :] - 2.0 * flat @ c.T, 0.0) / flat.shape[1]
+        w = softmax(-d / temperature, axis=1)
+        mass = w.sum(axis=0)[:, None]
+        c = np.where(mass > 1e-9, (w.T @ flat) / np.maximum(mass, 1e-12), c)  # an unweighted centre stays put
+    return np.clip(c, 0.0, 1.0).astype(np.float32).reshape(centres.shape)

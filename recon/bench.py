@@ -53,6 +53,9 @@ PROXY_CHECK = {
     **{f"nearest m={m}": ["solver=nearest", f"solver.m=[{m}]"] for m in (1, 5, 20)},
     "nearest distinct m=5": ["solver=nearest", "solver.m=[5]", "solver.distinct=true", "solver.min_sep=[0.002]"],
     "coverage": ["solver=coverage"],
+    "coverage global": ["solver=coverage", "solver.allocation=global", "solver.temperature=[0.002]"],
+    "nearest global claim m=5": ["solver=nearest", "solver.allocation=global", "solver.distinct=true",
+                                 "solver.select=[claim]", "solver.m=[5]"],
 }
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
-from recon.allocation import claim_prototypes, dense_global, global_kmeans, greedy_apart
+from recon.allocation import claim_prototypes, dense_global, global_kmeans, greedy_apart, soft_kmeans
 from recon.candidates import class_stream
 from recon.dataset_io import Dataset
 from recon.metrics import class_rule_score, fold_ids, pooled_rule_score
@@ -127,13 +127,15 @@ def tune(aux: Dataset, base: Base, finish: Finish, grid: Sequence, *, rule: str,
     return grid[best], {str(v): float(s) for v, s in zip(grid, scores)}
 
 
-PooledBuild = Callable[[Dataset, object, np.ndarray], tuple[np.ndarray, np.ndarray]]
+PooledBase = Callable[[Dataset, np.ndarray], object]  # (in-fold aux, its distance matrix) -> shared work
+PooledFinish = Callable[[object, Dataset, object], tuple[np.ndarray, np.ndarray]]  # -> (images, labels)
 
 
-def tune_pooled(aux: Dataset, build: PooledBuild, grid: Sequence, *, rule: str, per_class: int, folds: int,
-                seed: int, num_classes: int = 10, train_per_class: int | None = None) -> tuple[object, dict]:
+def tune_pooled(aux: Dataset, base: PooledBase, finish: PooledFinish, grid: Sequence, *, rule: str,
+                per_class: int, folds: int, seed: int, num_classes: int = 10,
+                train_per_class: int | None = None) -> tuple[object, dict]:
     """`tune` for class-free solvers: each setting builds on the in-folds of all classes at once and is scored
-    against the whole held-out fold (`pooled_rule_score`). `build(in_fold, setting, distances)`."""
+    against the whole held-out fold (`pooled_rule_score`)."""
     grid = list(grid)
     if len(grid) == 1:
         return grid[0], {}
@@ -141,9 +143,9 @@ def tune_pooled(aux: Dataset, build: PooledBuild, grid: Sequence, *, rule: str, 
     scores = np.zeros(len(grid))
     for f in range(folds):
         inn, held = aux.subset(ids != f), aux.subset(ids == f)
-        d = pairwise_mse(inn.images, inn.images)  # shared by every setting
+        b = base(inn, pairwise_mse(inn.images, inn.images))
         for j, v in enumerate(grid):
-            images, _ = build(inn, v, d)
+            images, _ = finish(b, inn, v)
             scores[j] += pooled_rule_score(rule, images, held.images, per_class, num_classes, train_per_class)
     scores /= folds
     best = int(np.argmin(scores))
@@ -181,6 +183,7 @@ class SolverSpec:
     train_per_class: int | None = None  # expected |T| per class, for the matching_train size correction
     allocation: str = "per_class"  # or "global": classes share the n * num_classes images (coverage, nearest)
     select: Sequence[str] = ("greedy",)  # global nearest, distinct: "greedy" (densest, apart) and/or "claim"
+    temperature: Sequence[float] = (0.0,)  # global coverage: soft k-means temperature (0: plain k-means)
 
 
 def solve(aux: Dataset, spec: SolverSpec) -> Solution:
@@ -239,14 +242,22 @@ def _solve_global(aux: Dataset, spec: SolverSpec) -> Solution:
     if spec.name not in GLOBAL_SOLVERS:
         raise ValueError(f"solver.allocation=global works with {' and '.join(GLOBAL_SOLVERS)}, not {spec.name!r}")
     total = spec.per_class * spec.num_classes
+    kw = {"rule": spec.rule, "per_class": spec.per_class, "folds": spec.folds, "seed": spec.seed,
+          "num_classes": spec.num_classes, "train_per_class": spec.train_per_class}
     if spec.name == "coverage":
-        images, labels = global_kmeans(aux.images, aux.labels, total, restarts=spec.restarts,
-                                       seed=class_stream(spec.seed, spec.first_restart, 0),
-                                       num_classes=spec.num_classes)
-        return Solution(images, labels, {})
+        def base(d: Dataset, _dist=None):
+            return global_kmeans(d.images, d.labels, total, restarts=spec.restarts,
+                                 seed=class_stream(spec.seed, spec.first_restart, 0), num_classes=spec.num_classes)
+
+        def finish(b, d: Dataset, t):
+            return (soft_kmeans(d.images, b[0], t), b[1]) if t > 0 else b
+
+        t, scores = tune_pooled(aux, base, finish, spec.temperature, **kw)
+        images, labels = finish(base(aux), aux, t)
+        return Solution(images, labels, {"scores": scores, "temperature": t})
     train_size = spec.train_per_class * spec.num_classes if spec.train_per_class else len(aux)
 
-    def build(d: Dataset, v, dist=None):
+    def build(dist, d: Dataset, v):
         select, m, sep = v
         if select == "claim":
             return claim_prototypes(d.images, d.labels, total, m, train_size, dist)
@@ -260,11 +271,9 @@ def _solve_global(aux: Dataset, spec: SolverSpec) -> Solution:
             raise ValueError(f"solver.select={sel!r}: choose greedy and/or claim")
     grid = [("claim", m, 0.0) if sel == "claim" else (sel, m, sep)
             for sel in spec.select for m in spec.m for sep in (spec.min_sep if sel == "greedy" else (0.0,))]
-    grid = list(dict.fromkeys(grid))
-    best, scores = tune_pooled(aux, build, grid, rule=spec.rule, per_class=spec.per_class, folds=spec.folds,
-                               seed=spec.seed, num_classes=spec.num_classes, train_per_class=spec.train_per_class)
+    best, scores = tune_pooled(aux, lambda d, dist: dist, build, list(dict.fromkeys(grid)), **kw)
     select, m, sep = best
-    images, labels = build(aux, best)
+    images, labels = build(None, aux, best)
     return Solution(images, labels, {"scores": scores, "select": select, "m": m, "min_sep": sep})
 
 
@@ -272,7 +281,7 @@ def fixed(spec: SolverSpec, info: dict) -> SolverSpec:
     """The spec with its tuned settings frozen: what the held-out metric re-runs on each fold."""
     if spec.allocation == "global":
         if spec.name == "coverage":
-            return spec
+            return replace(spec, temperature=(info["temperature"],))
         return replace(spec, select=(info["select"],), m=(info["m"],), min_sep=(info["min_sep"],))
     if spec.name in ("shrinkage", "matching_quantiser"):
         return replace(spec, alpha=(info["alpha"],))
