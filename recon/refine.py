@@ -34,7 +34,8 @@ def logits_swap(
         pool = pool_for(c)
         cand = np.flatnonzero((pool.kind == "centroid") | (pool.kind == medoid_kind))
         rest = np.flatnonzero((labels == c) & (np.arange(len(out)) != i))
-        d = pairwise_mse(pool.images[cand], out[rest]).min(axis=1)
+        # a class-free solver may leave an image alone in its class: then any candidate is far enough
+        d = pairwise_mse(pool.images[cand], out[rest]).min(axis=1) if len(rest) else np.full(len(cand), np.inf)
         ok = d >= min_mse_to_class
         if not ok.any():
             continue

@@ -10,7 +10,8 @@ E||x - t||^2 = ||x - mu||^2 + tr(Sigma). A sharp real image pays tr(Sigma) twice
   held-out folds;
 - `nearest`: means of the m nearest neighbours at the densest points; duplicates allowed (`distinct: false`),
   or kept apart (`distinct: true`, for `matching_train`).
-Every solver works per class on arrays and returns (images, labels).
+Every solver works per class on arrays and returns (images, labels); with `allocation="global"`, `coverage`
+and `nearest` instead share the images across classes (`recon.allocation`), tuned on pooled folds.
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ def _solve_global(aux: Dataset, spec: SolverSpec) -> Solution:
         if sel not in ("greedy", "claim"):
             raise ValueError(f"solver.select={sel!r}: choose greedy and/or claim")
     grid = [("claim", m, 0.0) if sel == "claim" else (sel, m, sep)
-            for sel in spec.select for m in spec.m for sep in (spec.min_sep if sel == "greedy" else (0.0,))]
+            for sel in spec.select for m in spec.m
+            for sep in (spec.min_sep if sel == "greedy" and spec.distinct else (0.0,))]
     best, scores = tune_pooled(aux, lambda d, dist: dist, build, list(dict.fromkeys(grid)), **kw)
     select, m, sep = best
     images, labels = build(None, aux, best)

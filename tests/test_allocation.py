@@ -210,3 +210,22 @@ def test_global_preset_runs_in_the_pipeline(compose_cfg):
     assert "holdout_matching_train" in m and not any(k.startswith("holdout_matching_train_c") for k in m)
     assert m["score_matching_redrawn"] > 0 and m["score_coverage_redrawn"] > 0
     assert m["solver_m"] in (3.0, 5.0)
+
+
+def test_logits_swap_accepts_an_image_alone_in_its_class(digits_replica):
+    from recon.candidates import Candidates
+    from recon.logits_client import ReplicaLogits
+    from recon.refine import logits_swap
+
+    aux = digits_replica.aux
+    images = np.concatenate([aux.of_class(0)[:9], aux.of_class(1)[:1]])
+    labels = np.array([0] * 9 + [1])
+    def pool_for(c):
+        pool = aux.of_class(c)[10:13]
+        return Candidates(pool, np.full(3, c), np.zeros(3, np.int64), np.full(3, 5), np.full(3, "centroid"),
+                          np.full(3, -1))
+
+    out, info = logits_swap(images, labels, pool_for, ReplicaLogits(digits_replica), n_swap=10)
+    assert info["n_swapped"] >= 1
+    # the class-1 image is alone in its class (nothing to keep apart from), and is still swapped
+    assert any(np.array_equal(out[-1], p) for p in pool_for(1).images)
