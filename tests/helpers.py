@@ -17,31 +17,42 @@ def tiny_pool(per_class: int = 12, classes: int = 10, seed: int = 0, size: int =
 
 
 class ReplicaServer:
-    """`recon-challenge serve` as a real subprocess on a loopback port; can be killed and restarted."""
+    """`recon-challenge serve` as a real subprocess on a loopback port; can be killed and restarted.
 
-    def __init__(self, replica_dir, key: str, *args: str, port: int | None = None):
+    `key=None` starts it with no `$RECON_API_KEY` (for `--keys-file` servers and the refusal test)."""
+
+    def __init__(self, replica_dir, key: str | None, *args: str, port: int | None = None):
         import socket
+        from pathlib import Path
 
-        self.replica_dir, self.key, self.args = replica_dir, key, list(args)
+        self.root, self.key, self.args = Path(replica_dir), key, list(args)
+        self.replica_dir = self.root
         if port is None:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.output = self.root.parent / f"{self.root.name}.server-{port}.log"  # its stdout and stderr
         self.proc = None
+
+    @property
+    def call_log(self):
+        return self.root / "calls.log.jsonl"
 
     def start(self, wait: bool = True) -> ReplicaServer:
         import os
         import subprocess
         import sys
 
-        env = {**os.environ, "RECON_API_KEY": self.key}
-        self.log = open(f"{self.replica_dir}.server-{self.port}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "recon.challenge_cli", "serve", str(self.replica_dir), "--port", str(self.port),
-             *self.args], env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )
+        env = {k: v for k, v in os.environ.items() if k != "RECON_API_KEY"}
+        if self.key is not None:
+            env["RECON_API_KEY"] = self.key
+        with open(self.output, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "recon.challenge_cli", "serve", str(self.root), "--port", str(self.port),
+                 *self.args], env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
         if wait:
             self.wait_ready()
         return self
@@ -54,27 +65,30 @@ class ReplicaServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output.read_text()}")
             try:
                 if requests.get(self.url + "/health", timeout=1).status_code == 200:
                     return
             except requests.ConnectionError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout} s")
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.output.read_text()}")
 
     def stop(self, kill: bool = False) -> None:
+        import subprocess
+
         if self.proc and self.proc.poll() is None:
             (self.proc.kill if kill else self.proc.terminate)()
-            self.proc.wait(timeout=10)
-        if self.proc:
-            self.log.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def accepted_calls(self, endpoint: str = "logits") -> list[dict]:
         import json
-        from pathlib import Path
 
-        path = Path(self.replica_dir) / "calls.log.jsonl"
+        path = self.call_log
         if not path.is_file():
             return []
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

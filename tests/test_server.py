@@ -20,13 +20,12 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+from helpers import ReplicaServer
 
 from recon.conventions import encode
 from recon.dataset_io import Dataset
@@ -70,54 +69,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    root: Path  # the replica copy it serves; its call log lives here
-    output: Path  # the process's stdout and stderr
-
-    @property
-    def call_log(self) -> Path:
-        return self.root / "calls.log.jsonl"
-
-
-def _start(root: Path, args: list[str], env_key: str | None) -> Server:
-    port = free_port()
-    env = dict(os.environ)
-    env.pop("RECON_API_KEY", None)
-    if env_key is not None:
-        env["RECON_API_KEY"] = env_key
-    output = root.parent / f"{root.name}.server.log"
-    with open(output, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "recon.challenge_cli", "serve", str(root), "--port", str(port), *args],
-            env=env, stdout=fh, stderr=subprocess.STDOUT,
-        )
-    return Server(f"http://127.0.0.1:{port}", proc, root, output)
-
-
-def _wait_ready(server: Server, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            pytest.fail(f"server exited with {server.proc.returncode}:\n{server.output.read_text()}")
-        try:
-            if requests.get(server.url + "/health", timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"server not ready after {timeout} s:\n{server.output.read_text()}")
-
-
-def _stop(server: Server) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
+Server = ReplicaServer
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +100,13 @@ def servers(replica, tmp_path_factory):
     started: dict[str, Server] = {}
     try:
         for name in names:
-            started[name] = _start(base / name, args[name][0], env_key=args[name][1])
+            started[name] = Server(base / name, args[name][1], *args[name][0]).start(wait=False)
         for server in started.values():
-            _wait_ready(server)
+            server.wait_ready()
         yield started
     finally:
         for server in started.values():
-            _stop(server)
+            server.stop()
 
 
 @pytest.fixture(scope="module")
