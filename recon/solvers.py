@@ -106,26 +106,34 @@ Base = Callable[[np.ndarray, int], object]  # (class images, class) -> anything 
 Finish = Callable[[object, np.ndarray, object], np.ndarray]  # (base, class images, setting) -> n images
 
 
+FoldScores = Callable[[Dataset, Dataset, list], np.ndarray]  # (in-folds, held-out fold, grid) -> a score each
+
+
+def _cross_fit(aux: Dataset, grid: Sequence, folds: int, seed: int, fold_scores: FoldScores) -> tuple[object, dict]:
+    """The grid value with the lowest score averaged over the folds, and every value's score."""
+    grid = list(grid)
+    if len(grid) == 1:
+        return grid[0], {}
+    ids = fold_ids(aux.labels, folds, seed)
+    scores = sum(fold_scores(aux.subset(ids != f), aux.subset(ids == f), grid) for f in range(folds)) / folds
+    best = int(np.argmin(scores))
+    return grid[best], {str(v): float(s) for v, s in zip(grid, scores)}
+
+
 def tune(aux: Dataset, base: Base, finish: Finish, grid: Sequence, *, rule: str, per_class: int, folds: int,
          seed: int, num_classes: int = 10, train_per_class: int | None = None) -> tuple[object, dict]:
     """The grid value with the lowest cross-fitted score under `rule` (one value for all classes).
 
     `base` runs once per fold and class; `finish` applies each setting to it cheaply."""
-    grid = list(grid)
-    if len(grid) == 1:
-        return grid[0], {}
-    ids = fold_ids(aux.labels, folds, seed)
-    scores = np.zeros(len(grid))
-    for f in range(folds):
-        inn, held = aux.subset(ids != f), aux.subset(ids == f)
+    def fold_scores(inn: Dataset, held: Dataset, grid: list) -> np.ndarray:
+        scores = np.zeros(len(grid))
         for c in range(num_classes):
             x, t = inn.of_class(c), held.of_class(c)
             b = base(x, c)
-            for j, v in enumerate(grid):
-                scores[j] += class_rule_score(rule, finish(b, x, v), t, per_class, train_per_class)
-    scores /= folds * num_classes
-    best = int(np.argmin(scores))
-    return grid[best], {str(v): float(s) for v, s in zip(grid, scores)}
+            scores += [class_rule_score(rule, finish(b, x, v), t, per_class, train_per_class) for v in grid]
+        return scores / num_classes
+
+    return _cross_fit(aux, grid, folds, seed, fold_scores)
 
 
 PooledBase = Callable[[Dataset, np.ndarray], object]  # (in-fold aux, its distance matrix) -> shared work
@@ -137,20 +145,12 @@ def tune_pooled(aux: Dataset, base: PooledBase, finish: PooledFinish, grid: Sequ
                 train_per_class: int | None = None) -> tuple[object, dict]:
     """`tune` for class-free solvers: each setting builds on the in-folds of all classes at once and is scored
     against the whole held-out fold (`pooled_rule_score`)."""
-    grid = list(grid)
-    if len(grid) == 1:
-        return grid[0], {}
-    ids = fold_ids(aux.labels, folds, seed)
-    scores = np.zeros(len(grid))
-    for f in range(folds):
-        inn, held = aux.subset(ids != f), aux.subset(ids == f)
+    def fold_scores(inn: Dataset, held: Dataset, grid: list) -> np.ndarray:
         b = base(inn, pairwise_mse(inn.images, inn.images))
-        for j, v in enumerate(grid):
-            images, _ = finish(b, inn, v)
-            scores[j] += pooled_rule_score(rule, images, held.images, per_class, num_classes, train_per_class)
-    scores /= folds
-    best = int(np.argmin(scores))
-    return grid[best], {str(v): float(s) for v, s in zip(grid, scores)}
+        return np.array([pooled_rule_score(rule, finish(b, inn, v)[0], held.images, per_class, num_classes,
+                                           train_per_class) for v in grid])
+
+    return _cross_fit(aux, grid, folds, seed, fold_scores)
 
 
 # --- the solvers ---------------------------------------------------------------------------------------
