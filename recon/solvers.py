@@ -246,15 +246,15 @@ def _solve_global(aux: Dataset, spec: SolverSpec) -> Solution:
     kw = {"rule": spec.rule, "per_class": spec.per_class, "folds": spec.folds, "seed": spec.seed,
           "num_classes": spec.num_classes, "train_per_class": spec.train_per_class}
     if spec.name == "coverage":
-        def base(d: Dataset, _dist=None):
-            return global_kmeans(d.images, d.labels, total, restarts=spec.restarts,
+        def base(d: Dataset, _dist=None, restarts: int = 1):  # the folds only choose a temperature: one start
+            return global_kmeans(d.images, d.labels, total, restarts=restarts,
                                  seed=class_stream(spec.seed, spec.first_restart, 0), num_classes=spec.num_classes)
 
         def finish(b, d: Dataset, t):
             return (soft_kmeans(d.images, b[0], t), b[1]) if t > 0 else b
 
         t, scores = tune_pooled(aux, base, finish, spec.temperature, **kw)
-        images, labels = finish(base(aux), aux, t)
+        images, labels = finish(base(aux, restarts=spec.restarts), aux, t)
         return Solution(images, labels, {"scores": scores, "temperature": t})
     train_size = spec.train_per_class * spec.num_classes if spec.train_per_class else len(aux)
 
