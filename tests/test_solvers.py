@@ -201,6 +201,10 @@ def test_bench_writes_the_comparison_table(tmp_path, digits_replica, monkeypatch
     seed_score, ours, oracle = float(cells[2]), float(cells[3]), float(cells[5])
     assert float(cells[4].split()[0]) == pytest.approx(ours / seed_score, abs=5e-3)  # cells are rounded
     assert int(cells[6].rstrip("%")) == pytest.approx(100 * (seed_score - ours) / (seed_score - oracle), abs=1.5)
+    assert cells[7].startswith("n/a")  # nearest is scored on all of T: no target set to redraw
+    matching = [c.strip() for c in next(line for line in text.splitlines()
+                                        if line.startswith("| `matching` |")).strip("|").split("|")]
+    assert 0 < float(matching[7]) < 2  # the ratio over redrawn target sets
     client = MlflowClient(f"sqlite:///{tmp_path / 's'}/mlflow.db")
     exp = client.get_experiment_by_name("recon")
     runs = client.search_runs([exp.experiment_id])
