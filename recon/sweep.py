@@ -27,6 +27,14 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_id: str):
 
 class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._start_parent(config)
+        except Exception as e:  # noqa: BLE001 -- Hydra would only warn and run every job against a broken store
+            print(f"recon sweep: cannot set up the MLflow parent run at tracking.uri={config.tracking.uri}: "
+                  f"{type(e).__name__}: {e}. No job was run.", file=sys.stderr, flush=True)
+            raise SystemExit(2) from e
+
+    def _start_parent(self, config: DictConfig) -> None:
         tr = config.tracking
         # Initialise the store once, here in the parent: parallel jobs would race on table creation.
         exp_id = setup_store(tr.uri, tr.experiment, tr.artifact_root)

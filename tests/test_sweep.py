@@ -73,6 +73,16 @@ def test_sweep_with_a_failing_job(tmp_path, digits_replica):
     assert {"sweep_summary.csv", "sweep_summary.md"} <= arts
 
 
+def test_sweep_stops_before_any_job_when_the_store_cannot_be_set_up(tmp_path, digits_replica):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the store's folder should be")
+    res = recon_cli(tmp_path / "state", digits_replica, "-m", "pipeline.k=5,10",
+                    f"tracking.uri=sqlite:///{blocker}/mlflow.db")
+    assert res.returncode == 2
+    assert "recon sweep: cannot set up the MLflow parent run" in res.stderr and "No job was run" in res.stderr
+    assert "recon run" not in res.stdout  # no job started
+
+
 def test_compare_prints_the_sweep_table(tmp_path, digits_replica, capsys):
     state = tmp_path / "state"
     assert recon_cli(state, digits_replica, "-m", "pipeline.medoid_ratio=0,1").returncode == 0
