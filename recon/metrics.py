@@ -128,32 +128,20 @@ def holdout_scores(
     With `pooled` (class-free solvers, whose class counts vary) all submissions are scored against the whole
     held-out fold instead (`pooled_rule_score`), and only the headline is reported.
     """
-    if pooled:
-        return _pooled_holdout(aux, build, per_class, folds, seed, num_classes, rules, train_per_class, repeats)
-    acc = {r: np.zeros((repeats * folds, num_classes)) for r in rules}
+    acc = {r: np.zeros((repeats * folds, 1 if pooled else num_classes)) for r in rules}
     splits = [(fold_ids(aux.labels, folds, seed + rep), f) for rep in range(repeats) for f in range(folds)]
     for i, (ids, f) in enumerate(splits):  # `repeats` different K-fold splits, averaged: less noise
         images, labels = build(aux.subset(ids != f))
         held = aux.subset(ids == f)
-        for c in range(num_classes):
-            s, t = images[labels == c], held.of_class(c)
-            for r in rules:
-                acc[r][i, c] = class_rule_score(r, s, t, per_class, train_per_class)
+        for r in rules:
+            if pooled:
+                acc[r][i, 0] = pooled_rule_score(r, images, held.images, per_class, num_classes, train_per_class)
+                continue
+            for c in range(num_classes):
+                acc[r][i, c] = class_rule_score(r, images[labels == c], held.of_class(c), per_class,
+                                                train_per_class)
     out: dict[str, float] = {}
     for r in rules:
         per = acc[r].mean(axis=0)
-        out.update(_present(f"holdout_{r}", dict(enumerate(per)), per.mean()))
+        out.update(_present(f"holdout_{r}", {} if pooled else dict(enumerate(per)), per.mean()))
     return out
-
-
-def _pooled_holdout(aux: Dataset, build: Builder, per_class: int, folds: int, seed: int, num_classes: int,
-                    rules: tuple[str, ...], train_per_class: int | None, repeats: int) -> dict[str, float]:
-    acc = {r: [] for r in rules}
-    for rep in range(repeats):
-        ids = fold_ids(aux.labels, folds, seed + rep)
-        for f in range(folds):
-            images, _ = build(aux.subset(ids != f))
-            held = aux.subset(ids == f).images
-            for r in rules:
-                acc[r].append(pooled_rule_score(r, images, held, per_class, num_classes, train_per_class))
-    return {f"holdout_{r}": float(np.mean(v)) for r, v in acc.items()}
