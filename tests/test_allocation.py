@@ -229,3 +229,17 @@ def test_logits_swap_accepts_an_image_alone_in_its_class(digits_replica):
     assert info["n_swapped"] >= 1
     # the class-1 image is alone in its class (nothing to keep apart from), and is still swapped
     assert any(np.array_equal(out[-1], p) for p in pool_for(1).images)
+
+
+@pytest.mark.parametrize("counts,size", [([10] * 10, (10, 10)), ([70, 10, 20] + [0] * 7, (4 + 1 + 1 + 7, 20))])
+def test_image_grid_wraps_a_crowded_class(tmp_path, counts, size):
+    from PIL import Image
+
+    from recon.plots import image_grid
+
+    labels = np.repeat(np.arange(10), counts)
+    images = np.random.default_rng(0).random((len(labels), 3, 8, 8)).astype(np.float32)
+    image_grid(images, labels, tmp_path / "grid.png")
+    width, height = Image.open(tmp_path / "grid.png").size
+    rows, cols = size
+    assert (height, width) == (round(rows * 0.8 * 80), round(cols * 0.8 * 80))
