@@ -29,6 +29,13 @@ def same_class_neighbours(x: np.ndarray, labels: np.ndarray, m: int, d: np.ndarr
     return np.argsort(d, axis=1, kind="stable")[:, : min(m, smallest)]
 
 
+def class_local_means(x: np.ndarray, labels: np.ndarray, m: int,
+                      d: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every image's local mean over its m nearest same-class images, and those neighbours' indices."""
+    nn = same_class_neighbours(x, labels, m, d)
+    return x[nn].mean(axis=1).astype(np.float32), nn
+
+
 def greedy_apart(order: np.ndarray, d: np.ndarray, n: int, min_sep: float) -> list[int]:
     """Walk `order` (best first), keeping each item at least `min_sep` from those kept; if too few are that far
     apart, fill with the next best. `d` is the items' pairwise distance matrix."""
@@ -67,9 +74,7 @@ def dense_global(x: np.ndarray, labels: np.ndarray, n: int, m: int, min_sep: flo
     """n local means (m same-class neighbours each) at the densest points of the whole set, kept min_sep apart.
 
     Density is the local mean's average distance to its m nearest images, so it compares across classes."""
-    d = pairwise_mse(x, x) if d is None else d
-    nn = same_class_neighbours(x, labels, m, d)
-    means = x[nn].mean(axis=1).astype(np.float32)
+    means, nn = class_local_means(x, labels, m, d)
     density = np.sort(pairwise_mse(means, x), axis=1)[:, : max(nn.shape[1], 3)].mean(axis=1)
     kept = greedy_apart(np.argsort(density, kind="stable"), pairwise_mse(means, means), n, min_sep)
     return _by_label(means[kept], labels[kept])
@@ -84,9 +89,7 @@ def claim_prototypes(x: np.ndarray, labels: np.ndarray, n: int, m: int, train_si
     own neighbours (those would flatter it). At T's density aux holds n * |aux| / |T| claims, so that many
     (candidate, image) pairs are chosen; when that is under n, each chosen candidate is repeated, since T holds
     |T| / |aux| images for every aux image near it."""
-    d = pairwise_mse(x, x) if d is None else d
-    nn = same_class_neighbours(x, labels, m, d)
-    means = x[nn].mean(axis=1).astype(np.float32)
+    means, nn = class_local_means(x, labels, m, d)
     cost = pairwise_mse(means, x)
     cost[np.arange(len(x))[:, None], nn] = 2.0  # above any per-pixel MSE of images in [0, 1]
     k = max(1, round(n * len(x) / train_size))

@@ -136,7 +136,7 @@ def tune(aux: Dataset, base: Base, finish: Finish, grid: Sequence, *, rule: str,
     return _cross_fit(aux, grid, folds, seed, fold_scores)
 
 
-PooledBase = Callable[[Dataset, np.ndarray], object]  # (in-fold aux, its distance matrix) -> shared work
+PooledBase = Callable[[Dataset], object]  # in-fold aux -> work every setting shares
 PooledFinish = Callable[[object, Dataset, object], tuple[np.ndarray, np.ndarray]]  # -> (images, labels)
 
 
@@ -146,7 +146,7 @@ def tune_pooled(aux: Dataset, base: PooledBase, finish: PooledFinish, grid: Sequ
     """`tune` for class-free solvers: each setting builds on the in-folds of all classes at once and is scored
     against the whole held-out fold (`pooled_rule_score`)."""
     def fold_scores(inn: Dataset, held: Dataset, grid: list) -> np.ndarray:
-        b = base(inn, pairwise_mse(inn.images, inn.images))
+        b = base(inn)
         return np.array([pooled_rule_score(rule, finish(b, inn, v)[0], held.images, per_class, num_classes,
                                            train_per_class) for v in grid])
 
@@ -246,7 +246,7 @@ def _solve_global(aux: Dataset, spec: SolverSpec) -> Solution:
     kw = {"rule": spec.rule, "per_class": spec.per_class, "folds": spec.folds, "seed": spec.seed,
           "num_classes": spec.num_classes, "train_per_class": spec.train_per_class}
     if spec.name == "coverage":
-        def base(d: Dataset, _dist=None, restarts: int = 1):  # the folds only choose a temperature: one start
+        def base(d: Dataset, restarts: int = 1):  # the folds only choose a temperature: one start
             return global_kmeans(d.images, d.labels, total, restarts=restarts,
                                  seed=class_stream(spec.seed, spec.first_restart, 0), num_classes=spec.num_classes)
 
@@ -273,7 +273,8 @@ def _solve_global(aux: Dataset, spec: SolverSpec) -> Solution:
     grid = [("claim", m, 0.0) if sel == "claim" else (sel, m, sep)
             for sel in spec.select for m in spec.m
             for sep in (spec.min_sep if sel == "greedy" and spec.distinct else (0.0,))]
-    best, scores = tune_pooled(aux, lambda d, dist: dist, build, list(dict.fromkeys(grid)), **kw)
+    best, scores = tune_pooled(aux, lambda d: pairwise_mse(d.images, d.images), build, list(dict.fromkeys(grid)),
+                               **kw)
     select, m, sep = best
     images, labels = build(None, aux, best)
     return Solution(images, labels, {"scores": scores, "select": select, "m": m, "min_sep": sep})
