@@ -19,7 +19,7 @@ from recon import scoring
 from recon.atomic import atomic_write_json, atomic_write_text
 from recon.candidates import Candidates, class_candidates
 from recon.config import as_plain, resolved_container
-from recon.dataset_io import load_dataset
+from recon.dataset_io import Dataset, load_dataset
 from recon.logits_client import ReplicaLogits
 from recon.metrics import diversity, holdout_scores, proxy_mse
 from recon.plots import image_grid
@@ -60,7 +60,7 @@ def objective_of(cfg: DictConfig, replica) -> tuple[str, int | None]:
 
 
 def spec_from_cfg(cfg: DictConfig, rule: str, train_per_class: int | None) -> SolverSpec:
-    sv = {k: as_plain(v) for k, v in cfg.solver.items() if k not in ("name", "oracle", "folds")}
+    sv = {k: as_plain(v) for k, v in cfg.solver.items() if k not in ("name", "fit_on", "folds")}
     for k in ("alpha", "m", "min_sep", "select"):
         if k in sv and not isinstance(sv[k], list):
             sv[k] = [sv[k]]
@@ -73,6 +73,30 @@ def spec_from_cfg(cfg: DictConfig, rule: str, train_per_class: int | None) -> So
 def cached_candidates(cache_dir: str):
     """k-means results keyed by (images, k, seeds): folds, sweeps and re-runs share them."""
     return Memory(location=str(Path(cache_dir) / "kmeans"), verbose=0).cache(class_candidates)
+
+
+FIT_ON = ("aux", "train", "more_data")
+
+
+def fit_source(fit_on: str, aux: Dataset, replica, rule: str) -> Dataset:
+    """What a solver is fitted on: aux (always, for a real submission) or, on a replica only, a reference.
+
+    `train` is the oracle: the hidden train set, targets included, so it bounds what any method could reach.
+    `more_data` is aux plus the hidden images that are not targets: 1.7x the data (digits) and no sight of the
+    targets, so it shows how much of the oracle's lead more data would buy and how much is having seen G."""
+    if fit_on not in FIT_ON:
+        raise ValueError(f"solver.fit_on={fit_on!r}: choose one of {', '.join(FIT_ON)}")
+    if fit_on == "aux":
+        return aux
+    if replica is None:
+        raise ValueError(f"solver.fit_on={fit_on} needs challenge=replica: it fits on the hidden train set")
+    if fit_on == "train":
+        return replica.train
+    if rule not in ("matching", "coverage"):
+        raise ValueError(f"solver.fit_on=more_data with objective.rule={rule}: {rule} is scored on all of T, so "
+                         "fitting on T would be scored on its own images; use it with matching or coverage")
+    rest = replica.train_without_targets()
+    return Dataset(np.concatenate([aux.images, rest.images]), np.concatenate([aux.labels, rest.labels]))
 
 
 def ensure_replica(cfg: DictConfig):
@@ -169,6 +193,8 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
     mlflow.set_tags({"objective_rule": rule, "solver": str(cfg.solver.name)})
     with timer.stage("reconstruct"):
         if cfg.solver.name == "seed":
+            if str(cfg.solver.get("fit_on", "aux")) != "aux":
+                raise ValueError("solver.fit_on: the seed recipes always fit on aux; choose a solver to fit elsewhere")
             rec = reconstruct(aux, p, candidate_fn=cand_fn)
             images, labels = rec.images, rec.labels
             n_medoids = int((rec.chosen.kind != "centroid").sum())
@@ -178,12 +204,10 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
                 return r.images, r.labels
         else:
             spec = spec_from_cfg(cfg, rule, train_pc)
-            source = aux
-            if cfg.solver.get("oracle", False):
-                if replica is None:
-                    raise ValueError("solver.oracle=true needs challenge=replica: it fits on the hidden train set")
-                source = replica.train
-                mlflow.set_tag("oracle", "true")
+            fit_on = str(cfg.solver.get("fit_on", "aux"))
+            source = fit_source(fit_on, aux, replica, rule)
+            if fit_on != "aux":
+                mlflow.set_tags({"fit_on": fit_on, **({"oracle": "true"} if fit_on == "train" else {})})
             sol = solve(source, spec)
             images, labels, n_medoids = sol.images, sol.labels, None
             chosen = {f"solver_{k}": v for k, v in sol.info.items() if not isinstance(v, dict)}

@@ -135,6 +135,12 @@ class Replica:
     def score_all(self, images: np.ndarray) -> dict[str, float]:
         return scoring.score_all(images, targets=self.targets.images, train=self.train.images)
 
+    def train_without_targets(self) -> Dataset:
+        """T minus G: hidden images from aux's distribution that are never scored under `matching` or
+        `coverage`. Fitting on aux plus these shows what more data, but no sight of the targets, would buy."""
+        d = scoring.pairwise_mse(self.train.images, self.targets.images)
+        return self.train.subset(np.flatnonzero(d.min(axis=1) > 0.0))
+
     def redrawn_scores(self, images: np.ndarray, draws: int = 200) -> dict[str, float]:
         """`matching` and `coverage` over `draws` target sets redrawn from T like the real one."""
         per_class = len(self.targets.images) // self.meta["num_classes"]

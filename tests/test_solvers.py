@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from recon import bench
 from recon.dataset_io import Dataset
 from recon.metrics import class_rule_score, expected_nearest, extrapolated_nearest
-from recon.pipeline import run
+from recon.pipeline import fit_source, run, spec_from_cfg
 from recon.scoring import RULES, pairwise_mse, score_matching
 from recon.solvers import (
     SolverSpec,
@@ -168,20 +168,21 @@ def test_unknown_solver():
 
 @pytest.mark.parametrize("rule", RULES)
 def test_best_presets_log_their_objective(compose_cfg, rule):
-    cfg = compose_cfg(f"experiment=best_{rule}", "proxy.folds=2", "solver.oracle=false")
+    cfg = compose_cfg(f"experiment=best_{rule}", "proxy.folds=2", "solver.fit_on=aux")
     summary = run(cfg)
     r = MlflowClient(cfg.tracking.uri).get_run(summary["run_id"])
     assert r.data.tags["objective_rule"] == rule and r.data.params["objective.rule"] == rule
     assert r.data.tags["solver"] == cfg.solver.name != "seed"
     assert f"holdout_{rule}" in r.data.metrics and "oracle" not in r.data.tags
+    assert "fit_on" not in r.data.tags
 
 
 def test_objective_defaults_to_the_replica_rule_and_oracle_is_marked(compose_cfg, digits_replica):
-    cfg = compose_cfg("solver=nearest", "solver.m=[3]", "proxy.enabled=false", "solver.oracle=true")
+    cfg = compose_cfg("solver=nearest", "solver.m=[3]", "proxy.enabled=false", "solver.fit_on=train")
     summary = run(cfg)
     r = MlflowClient(cfg.tracking.uri).get_run(summary["run_id"])
     assert r.data.tags["objective_rule"] == digits_replica.rule
-    assert r.data.tags["oracle"] == "true"
+    assert r.data.tags["oracle"] == "true" and r.data.tags["fit_on"] == "train"
     # fitted on the hidden train set: every prototype is a local mean of train images
     assert summary["metrics"]["score_nearest"] < run(compose_cfg("solver=nearest", "solver.m=[3]",
                                                                  "proxy.enabled=false"))["metrics"]["score_nearest"]
@@ -189,7 +190,8 @@ def test_objective_defaults_to_the_replica_rule_and_oracle_is_marked(compose_cfg
 
 def test_bench_writes_the_comparison_table(tmp_path, digits_replica, monkeypatch, capsys):
     monkeypatch.setattr(bench, "SEED_VARIANTS", {k: v for k, v in bench.SEED_VARIANTS.items() if k[0] in "AC"})
-    monkeypatch.setattr(bench, "ORACLES", {"oracle_nearest": ["experiment=best_nearest", "solver.oracle=true"]})
+    monkeypatch.setattr(bench, "ORACLES", {"oracle_nearest": ["experiment=best_nearest", "solver.fit_on=train"]})
+    monkeypatch.setattr(bench, "MORE_DATA", {"more_data_matching": bench.MORE_DATA["more_data_matching"]})
     out = tmp_path / "bench.md"
     assert bench.main(["--replica", str(digits_replica.root), "--state", str(tmp_path / "s"),
                        "--out", str(out)]) == 0
@@ -205,12 +207,16 @@ def test_bench_writes_the_comparison_table(tmp_path, digits_replica, monkeypatch
     matching = [c.strip() for c in next(line for line in text.splitlines()
                                         if line.startswith("| `matching` |")).strip("|").split("|")]
     assert 0 < float(matching[7]) < 2  # the ratio over redrawn target sets
+    more = next(line for line in text.splitlines() if line.startswith("| more_data_matching |"))
+    more_score = float(more.strip("|").split("|")[2])
+    assert float(matching[8]) == pytest.approx(more_score / float(matching[2]), abs=5e-3)
+    assert cells[8] == "n/a"  # no more-data reference for a rule scored on all of T
     client = MlflowClient(f"sqlite:///{tmp_path / 's'}/mlflow.db")
     exp = client.get_experiment_by_name("recon")
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("recon.bench") == "bench")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 2 + len(bench.SOLVERS) + 1
+    assert len(children) == 2 + len(bench.SOLVERS) + 2
     assert "bench.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
@@ -228,3 +234,29 @@ def test_holdout_repeats_average_several_splits():
     both = holdout_scores(aux, build, folds=2, seed=0, repeats=2)
     for r in RULES:
         assert both[f"holdout_{r}"] == pytest.approx((one[f"holdout_{r}"] + other[f"holdout_{r}"]) / 2)
+
+
+def test_more_data_fits_on_aux_plus_the_unscored_train_images(compose_cfg, digits_replica):
+    rest = digits_replica.train_without_targets()
+    assert len(rest) == len(digits_replica.train) - len(digits_replica.targets)
+    assert pairwise_mse(rest.images, digits_replica.targets.images).min() > 0  # no target inside
+    source = fit_source("more_data", digits_replica.aux, digits_replica, "matching")
+    assert len(source) == len(digits_replica.aux) + len(rest)
+    cfg = compose_cfg("experiment=best_matching", "solver.iters=2", "solver.draws=10", "solver.alpha=[0.0]",
+                      "proxy.enabled=false", "solver.fit_on=more_data")
+    summary = run(cfg)
+    r = MlflowClient(cfg.tracking.uri).get_run(summary["run_id"])
+    assert r.data.tags["fit_on"] == "more_data" and "oracle" not in r.data.tags
+    spec = spec_from_cfg(cfg, "matching", len(digits_replica.train) // 10)
+    expected = solve(source, spec).images
+    np.testing.assert_array_equal(np.load(summary["submission"])["images"], expected)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["solver=nearest", "solver.fit_on=more_data", "objective.rule=nearest"], "scored on all of T"),
+    (["solver=nearest", "solver.fit_on=everything"], "solver.fit_on='everything'"),
+    (["solver=seed", "solver.fit_on=train"], "seed recipes always fit on aux"),
+])
+def test_fit_on_errors(compose_cfg, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        run(compose_cfg(*overrides, "proxy.enabled=false"))
