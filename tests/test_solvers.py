@@ -23,6 +23,7 @@ from recon.solvers import (
     solve,
     tune,
 )
+from recon.submission import write_submission
 
 SHAPE = (3, 4, 4)
 
@@ -260,3 +261,39 @@ def test_more_data_fits_on_aux_plus_the_unscored_train_images(compose_cfg, digit
 def test_fit_on_errors(compose_cfg, overrides, match):
     with pytest.raises(ValueError, match=match):
         run(compose_cfg(*overrides, "proxy.enabled=false"))
+
+
+def test_fresh_draws_of_all_of_t_rank_exactly(tmp_path, digits_replica):
+    """Drawing every hidden image of each class leaves nothing to extrapolate: the ceiling is then exact."""
+    rep = digits_replica
+    results = {}
+    for i in range(5):
+        images = rep.aux.images[np.random.default_rng(i).choice(len(rep.aux), 100, replace=False)]
+        if i == 4:
+            images = np.repeat(images[:1], 100, axis=0)  # one image repeated: cheap under nearest, not matching_train
+        path = write_submission(tmp_path / f"s{i}.npz", images, images.shape)
+        results[f"s{i}"] = {**{f"score_{r}": v for r, v in rep.score_all(images).items()}, "submission": str(path)}
+    everything = int(np.bincount(rep.train.labels).max())
+    rho = bench.fresh_draw_rho(results, rep, [everything, 5], draws=2)
+    assert rho[("nearest", everything)] == pytest.approx(1.0)
+    assert rho[("matching_train", everything)] == pytest.approx(1.0)
+    assert set(rho) == {(r, n) for r in bench.FRESH_RULES for n in (everything, 5)}
+
+
+def test_proxy_check_reports_spearman_and_the_ceiling(tmp_path, digits_replica, monkeypatch):
+    monkeypatch.setattr(bench, "PROXY_CHECK", {k: bench.PROXY_CHECK[k] for k in
+                                               ("seed k=5 ratio=0", "seed k=20 ratio=1", "nearest m=5",
+                                                "shrinkage alpha=0.4")})
+    out = tmp_path / "proxy.md"
+    assert bench.main(["--proxy-check", "--replica", str(digits_replica.root), "--state", str(tmp_path / "s"),
+                       "--out", str(out), "proxy.folds=2"]) == 0
+    lines = out.read_text().splitlines()
+    for r in RULES:
+        row = next(line for line in lines if line.startswith(f"| `{r}` | ") and "(" in line)
+        rho = float(row.split("|")[2])
+        assert -1.0 <= rho <= 1.0 and ("met" if rho >= 0.9 else "missed") in row
+    assert "a fold holds 50 images per class" in out.read_text()
+    assert "| rule | 50 per class |" in lines  # digits has 79-80 hidden images per class: 100 is not drawable
+    for r in bench.FRESH_RULES:
+        cells = next(line for line in lines if line.startswith(f"| `{r}` | ") and "(" not in line).split("|")
+        assert -1.0 <= float(cells[2]) <= 1.0
