@@ -81,8 +81,8 @@ FIT_ON = ("aux", "train", "more_data")
 def fit_source(fit_on: str, aux: Dataset, replica, rule: str) -> Dataset:
     """What a solver is fitted on: aux (always, for a real submission) or, on a replica only, a reference.
 
-    `train` is the oracle: the hidden train set, targets included, so it bounds what any method could reach.
-    `more_data` is aux plus the hidden images that are not targets: 1.7x the data (digits) and no sight of the
+    `train` is the oracle: the hidden train set, targets included, so it shows the headroom left.
+    `more_data` is aux plus the hidden images that are not targets: 1.7x the data on digits, no sight of the
     targets, so it shows how much of the oracle's lead more data would buy and how much is having seen G."""
     if fit_on not in FIT_ON:
         raise ValueError(f"solver.fit_on={fit_on!r}: choose one of {', '.join(FIT_ON)}")

@@ -209,7 +209,9 @@ def test_bench_writes_the_comparison_table(tmp_path, digits_replica, monkeypatch
                                         if line.startswith("| `matching` |")).strip("|").split("|")]
     assert 0 < float(matching[7]) < 2  # the ratio over redrawn target sets
     more = next(line for line in text.splitlines() if line.startswith("| more_data_matching |"))
-    more_score = float(more.strip("|").split("|")[2])
+    more_cells = [c.strip() for c in more.strip("|").split("|")]
+    more_score = float(more_cells[2])
+    assert more_cells[1] == more_cells[3] == "in-sample"  # nearest, matching_train: scored on T it has seen
     assert float(matching[8]) == pytest.approx(more_score / float(matching[2]), abs=5e-3)
     assert cells[8] == "n/a"  # no more-data reference for a rule scored on all of T
     client = MlflowClient(f"sqlite:///{tmp_path / 's'}/mlflow.db")
