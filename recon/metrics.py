@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from scipy.special import comb
+from scipy.special import gammaln
 
 from recon import scoring
 from recon.dataset_io import Dataset
@@ -55,9 +55,11 @@ def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 def expected_nearest(d: np.ndarray, n: int) -> np.ndarray:
     """Per row, the exact expected minimum over a random n-subset of the columns (from sorted distances)."""
     m = d.shape[1]
-    rank = np.arange(m)
-    weights = comb(m - 1 - rank, n - 1) / comb(m, n)  # P(the rank-th smallest is the subset's minimum)
-    return np.sort(d, axis=1) @ weights
+    rank = np.arange(m - n + 1)  # a larger rank leaves too few bigger columns to fill the subset
+    # P(the rank-th smallest is the subset's minimum) = C(m-1-rank, n-1) / C(m, n), in logs: C(1000, 500) overflows
+    log_w = (gammaln(m - rank) - gammaln(n) - gammaln(m - rank - n + 1)
+             - gammaln(m + 1) + gammaln(n + 1) + gammaln(m - n + 1))
+    return np.sort(d, axis=1)[:, : m - n + 1] @ np.exp(log_w)
 
 
 def extrapolated_nearest(d: np.ndarray, train_per_class: int | None) -> np.ndarray:

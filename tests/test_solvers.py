@@ -102,6 +102,14 @@ def test_expected_nearest_is_exact():
         np.testing.assert_allclose(expected_nearest(d, n), brute, atol=1e-12)
 
 
+def test_expected_nearest_on_a_large_fold_stays_finite():
+    """C(3000, 1500) overflows a float: the weights are computed in logs."""
+    d = np.random.default_rng(0).random((2, 3000))
+    e = expected_nearest(d, 1500)
+    assert np.isfinite(e).all() and (d.min(axis=1) <= e).all() and (e < np.sort(d, axis=1)[:, 2]).all()
+    np.testing.assert_allclose(expected_nearest(d, 3000), d.min(axis=1))  # the whole fold: its minimum
+
+
 def test_nearest_extrapolation_favours_points_that_get_closer_with_more_images():
     rng = np.random.default_rng(0)
     held = rng.random((40, *SHAPE)).astype(np.float32)
