@@ -117,17 +117,17 @@ def bench_table(results: dict[str, dict], replica_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fresh_draw_rho(results: dict[str, dict], rep: Replica, sizes: list[int], *, draws: int = 3,
+def fresh_draw_rho(results: dict[str, dict], rep: Replica, sizes: list[int], *, draws: int = 10,
                    seed: int = 0) -> dict[tuple[str, int], float]:
     """The ceiling of any held-out estimate for the rules scored on all of T: Spearman between the true score
     and the same size-corrected estimator applied to each final submission against fresh draws of `size`
     hidden images per class (no cross-fitting, no refit on less data). A fold of aux can do no better."""
     nc = rep.meta["num_classes"]
     tpc = len(rep.train) // nc
-    rng = np.random.default_rng(seed)
     subs = [np.load(m["submission"])["images"] for m in results.values()]
     out = {}
     for size in sizes:
+        rng = np.random.default_rng([seed, size])  # the same draws whichever other sizes are asked for
         picks = [np.concatenate([rng.permutation(np.flatnonzero(rep.train.labels == c))[:size] for c in range(nc)])
                  for _ in range(draws)]
         for r in FRESH_RULES:
