@@ -5,7 +5,8 @@ the `best_<rule>` preset, their ratio, the oracle (the rule's solver fitted on t
 gap closed toward it, (best seed - ours) / (best seed - oracle). For `matching` and `coverage`, whose 100
 targets are one small draw from T, it also gives the ratio averaged over 200 target sets redrawn from T.
 With `--proxy-check` it instead runs a sweep of configs and reports the Spearman rank correlation between
-`holdout_<rule>` and the true `score_<rule>`.
+`holdout_<rule>` and the true `score_<rule>`, and, for the rules scored on all of T, the ceiling any held-out
+fold of that size could reach (the estimator on the final submissions against fresh draws of T).
 """
 
 from __future__ import annotations
