@@ -92,7 +92,7 @@ def fit_source(fit_on: str, aux: Dataset, replica, rule: str) -> Dataset:
         raise ValueError(f"solver.fit_on={fit_on} needs challenge=replica: it fits on the hidden train set")
     if fit_on == "train":
         return replica.train
-    if rule not in ("matching", "coverage"):
+    if rule not in scoring.TARGET_RULES:
         raise ValueError(f"solver.fit_on=more_data with objective.rule={rule}: {rule} is scored on all of T, so "
                          "fitting on T would be scored on its own images; use it with matching or coverage")
     rest = replica.train_without_targets()

@@ -12,6 +12,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 RULES = ("nearest", "matching", "matching_train", "coverage")
+TARGET_RULES = ("matching", "coverage")  # scored on the 100 targets G; the other two on all of T
 
 
 def pairwise_mse(a: np.ndarray, b: np.ndarray, *, chunk: int = 4096) -> np.ndarray:
