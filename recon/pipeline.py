@@ -191,9 +191,10 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
     cand_fn = cached_candidates(cfg.paths.cache)
     rule, train_pc = objective_of(cfg, replica)
     mlflow.set_tags({"objective_rule": rule, "solver": str(cfg.solver.name)})
+    fit_on = str(cfg.solver.get("fit_on", "aux"))
     with timer.stage("reconstruct"):
         if cfg.solver.name == "seed":
-            if str(cfg.solver.get("fit_on", "aux")) != "aux":
+            if fit_on != "aux":
                 raise ValueError("solver.fit_on: the seed recipes always fit on aux; choose a solver to fit elsewhere")
             rec = reconstruct(aux, p, candidate_fn=cand_fn)
             images, labels = rec.images, rec.labels
@@ -204,7 +205,6 @@ def _run_stages(cfg: DictConfig, out_dir: Path, run_id: str) -> dict:
                 return r.images, r.labels
         else:
             spec = spec_from_cfg(cfg, rule, train_pc)
-            fit_on = str(cfg.solver.get("fit_on", "aux"))
             source = fit_source(fit_on, aux, replica, rule)
             if fit_on != "aux":
                 mlflow.set_tags({"fit_on": fit_on, **({"oracle": "true"} if fit_on == "train" else {})})
